@@ -218,9 +218,10 @@ def load_training_images(args):
 # ---------------------------------------------------------------------------------------------------------------
 def make_betas(kind, T):
     if kind == "linear":
-        # Ho et al. use 1e-4 -> 0.02 for T = 1000; scaling by 1000 / T keeps abar_{T-1} near 0 for other T.
+        # Ho et al. use 1e-4 -> 0.02 for T = 1000; scaling by 1000 / T keeps abar_{T-1} near 0 for other T
+        # (clipped like the cosine schedule, so a very short chain never has beta = 1 and abar = 0).
         scale = 1000 / T
-        return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
+        return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64).clamp(max=0.999)
     # Cosine schedule (Nichol & Dhariwal 2021, eq. 17): abar follows cos^2, beta clipped so the last step is not 1.
     s = 0.008
     f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
@@ -260,7 +261,9 @@ def timestep_embedding(t, dim):
 
 
 def group_norm(ch):
-    return nn.GroupNorm(math.gcd(32, ch), ch)  # 32 groups where the width allows, fewer for narrow test models
+    # At least 4 channels per group (32 groups of 4 at the DDPM width of 128). One channel per group would be
+    # instance norm, which removes each image's mean brightness at every layer: samples come out grey.
+    return nn.GroupNorm(math.gcd(32, max(1, ch // 4)), ch)
 
 
 class AttentionBlock(nn.Module):
@@ -634,7 +637,7 @@ def plot_loss(curves, path, title):
     px = lambda i: left + (W - left - right) * i / max(1, n_max - 1)
     py = lambda v: top + (H - top - bottom) * (1 - (min(max(v, lo), hi) - lo) / (hi - lo))
     draw.rectangle([left, top, W - right, H - bottom], outline="black")
-    ticks = np.arange(math.floor(lo), math.ceil(hi) + 1) if log and hi - lo >= 1 else np.linspace(lo, hi, 6)
+    ticks = np.arange(math.floor(lo), math.ceil(hi) + 1, dtype=np.float64) if log and hi - lo >= 1 else np.linspace(lo, hi, 6)
     for v in ticks:
         if lo <= v <= hi:
             label = f"{10 ** v:.3g}" if log else f"{v:.3g}"

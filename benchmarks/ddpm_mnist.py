@@ -21,7 +21,7 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 PRESETS = {
     "gpu": ["--epochs", "30"],
     "cpu": ["--device", "cpu", "--data-dir", os.path.join(SHARED, "data"), "--ch", "16", "--ch-mult", "1", "2", "2",
-            "--num-res-blocks", "1", "--attn-res", "7", "--epochs", "4", "--batch-size", "64", "--lr", "1e-3",
+            "--num-res-blocks", "1", "--attn-res", "7", "--dropout", "0", "--epochs", "4", "--batch-size", "64", "--lr", "1e-3",
             "--warmup", "200", "--ema-decay", "0.995", "--sampler", "ddim", "--steps", "25", "--eta", "0",
             "--sample-batch-size", "500", "--fid-stats", os.path.join(SHARED, "fid-reference", "mnist_train10k_stats.npz"),
             "--inception", os.path.join(SHARED, "weights", "pt_inception-2015-12-05-nofc.pth")],

@@ -58,6 +58,12 @@ def test_schedule_matches_closed_forms(kind):
     np.testing.assert_allclose(c2, np.sqrt(1 - betas) * (1 - abar_prev) / (1 - abar), rtol=1e-12)
 
 
+@pytest.mark.parametrize("T", [2, 10, 20, 100])
+def test_short_schedules_stay_invertible(T):
+    s = dm.NoiseSchedule(dm.make_betas("linear", T))
+    assert (s.betas < 1).all() and (s.alphas_cumprod > 0).all() and s.alphas_cumprod[-1] < 0.5
+
+
 def test_q_sample_has_the_right_mean_and_variance():
     s = dm.NoiseSchedule(dm.make_betas("linear", 1000))
     torch.manual_seed(0)
@@ -108,6 +114,16 @@ def test_unet_keeps_the_shape_for_odd_sizes_and_conditioning():
         x = torch.randn(2, 3, size, size)
         assert net(x, torch.tensor([0, 999])).shape == x.shape
         assert net(x, torch.tensor([3, 4]), extra_emb=torch.randn(2, net.emb_dim)).shape == x.shape
+
+
+@pytest.mark.parametrize("curves", [{"loss": list(np.geomspace(1.0, 0.002, 500))},  # over decades: log axis
+                                     {"G": list(np.linspace(-1, 2, 300)), "D": list(np.linspace(2, 0.5, 300))},
+                                     {"loss": [0.5]}])
+def test_plot_loss_draws_any_curve(tmp_path, curves):
+    dm.plot_loss(curves, tmp_path / "loss.png", "title")
+    with Image.open(tmp_path / "loss.png") as img:
+        pixels = np.asarray(img.convert("RGB"))
+    assert img.size == (900, 540) and (pixels.std(axis=2) > 20).any()  # coloured curve pixels were drawn
 
 
 # --- whole runs -----------------------------------------------------------------------------------------------------
