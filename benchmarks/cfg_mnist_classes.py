@@ -18,7 +18,8 @@ Commands (from the repository root)
   python benchmarks/cfg_mnist_classes.py --train-classifier runs/cfg_mnist/digit_classifier.pt2
   OMP_NUM_THREADS=1 python benchmarks/cfg_mnist_classes.py --preset cpu   # the README's CPU numbers
   python benchmarks/cfg_mnist_classes.py --preset gpu                     # the issue's GPU targets
-Every step is skipped when its output exists, so a preset can be re-run after an interruption.
+Every step is skipped when its output exists (and an interrupted training run resumes from its checkpoint), so a
+preset can be re-run after an interruption.
 """
 
 import argparse
@@ -209,7 +210,8 @@ def run_preset(args):
         reference = ["--prepare-eval", "--eval-dir", os.path.join(args.work, "eval_mnist_test_28px")]
     metrics_path = os.path.join(out, "metrics.json")
     if not os.path.isfile(metrics_path):
-        cfg_afhq.main(MODEL_FLAGS[preset] + common + reference + ["--cfg-scales"] + FID_SCALES[preset])
+        resume = ["--resume"] if os.path.isfile(os.path.join(out, "ckpt.pt")) else []  # an interrupted run goes on
+        cfg_afhq.main(MODEL_FLAGS[preset] + common + reference + resume + ["--cfg-scales"] + FID_SCALES[preset])
     with open(metrics_path) as fh:
         metrics = json.load(fh)
     extra = {}

@@ -190,10 +190,12 @@ def test_quadratic_timesteps(T):
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddim_2d")
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the thresholds below were set on one thread; restored after
     ddim.main(["--out", str(out), "--device", "cpu", "--iters", "1500", "--hidden", "64", "64", "64", "--emb-dim", "32",
                "--batch-size", "256", "--lr", "3e-3", "--warmup", "50", "--ema-decay", "0.99", "--train-points", "50000",
                "--num-points", "256", "--sampler", "dpmpp", "--steps", "15", "--seed", "3"])
+    torch.set_num_threads(threads)
     return out
 
 
