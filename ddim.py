@@ -57,10 +57,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 # Keys that define a training run; --resume and --sample-only take them from the checkpoint.
-RUN_KEYS = ("data", "train_points", "hidden", "emb_dim", "timesteps", "schedule", "batch_size", "lr", "lr_decay",
+RUN_KEYS = ("data", "train_points", "hidden", "emb_dim", "fourier", "residual", "timesteps", "schedule", "batch_size", "lr", "lr_decay",
             "warmup", "grad_clip", "ema_decay", "seed", "preset")
 # The course's setting; any flag given explicitly still wins over the preset.
-PRESETS = {"course": dict(hidden=[128, 128, 128], emb_dim=128, iters=5000, batch_size=128, lr=1e-3,
+PRESETS = {"course": dict(hidden=[128, 128, 128], emb_dim=128, fourier=0, residual=False, iters=5000, batch_size=128, lr=1e-3,
                           lr_decay="constant", warmup=0, grad_clip=0.0, ema_decay=0.0)}
 # The 2D table: (sampler, steps, eta, spacing) rows; steps are capped at T. "auto" spacing is each sampler's own
 # (evenly spaced for DDIM, quadratic for DPM-Solver++); the last rows swap them, to separate solver from spacing.
@@ -84,15 +84,19 @@ def parse_args(argv=None):
     g.add_argument("--data-dir", default=None,
                    help="image mode: the training images for FID reference statistics (default: the checkpoint's)")
     g = p.add_argument_group("model and noise schedule")
-    g.add_argument("--hidden", type=int, nargs="+", default=[256, 256, 256], help="widths of the MLP's hidden layers")
+    g.add_argument("--hidden", type=int, nargs="+", default=[256, 256, 256, 256], help="widths of the MLP's hidden layers")
+    g.add_argument("--fourier", type=int, default=6,
+                   help="Fourier features of the point: sin and cos at frequencies 2^k / 2 for k < this (0: the raw point)")
+    g.add_argument("--residual", action=argparse.BooleanOptionalAction, default=True,
+                   help="hidden layers of equal width add their output to their input")
     g.add_argument("--emb-dim", type=int, default=128, help="size of the sinusoidal time embedding")
     g.add_argument("--timesteps", type=int, default=1000, help="T, the number of diffusion steps")
     g.add_argument("--schedule", choices=["linear", "cosine"], default="linear",
                    help="linear: beta 1e-4 -> 0.02 (Ho et al., the course); cosine: Nichol & Dhariwal 2021")
     g = p.add_argument_group("training")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="course: hidden 128 128 128, Adam 1e-3 constant, batch 128, 5000 iterations, no EMA")
-    g.add_argument("--iters", type=int, default=5000, help="training iterations (fresh batches from the pool)")
+                   help="course: hidden 128 128 128 (plain MLP), Adam 1e-3 constant, batch 128, 5000 iterations, no EMA")
+    g.add_argument("--iters", type=int, default=10000, help="training iterations (fresh batches from the pool)")
     g.add_argument("--batch-size", type=int, default=256)
     g.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate after warm-up")
     g.add_argument("--lr-decay", choices=["constant", "cosine"], default="cosine",
@@ -137,6 +141,7 @@ def parse_args(argv=None):
         (args.num_points >= 1, f"--num-points must be at least 1, got {args.num_points}"),
         (args.train_points >= 1, f"--train-points must be at least 1, got {args.train_points}"),
         (min(args.hidden) >= 1 and args.emb_dim >= 2, "--hidden widths must be positive and --emb-dim at least 2"),
+        (0 <= args.fourier <= 16, f"--fourier must be between 0 and 16, got {args.fourier}"),
         (args.timesteps >= 2, f"--timesteps must be at least 2, got {args.timesteps}"),
         (args.schedule != "linear" or args.timesteps > 20,  # make_betas scales beta_max to 0.02 * 1000 / T
          f"--timesteps {args.timesteps} with the linear schedule ends at beta = {20 / args.timesteps:g} >= 1 "
@@ -283,14 +288,21 @@ def timestep_embedding(t, dim):
 
 
 class NoiseMLP(nn.Module):
-    """eps_theta(x_t, t) for points: hidden layers h <- silu(W h + b + P e(t)), each given the time embedding e(t)
-    through its own projection P, so that every layer can act differently at each noise level."""
+    """eps_theta(x_t, t) for points.
 
-    def __init__(self, dim, hidden, emb_dim):
+    The point first becomes Fourier features [x, sin(f_k x), cos(f_k x)] with f_k = 2^k / 2 for k < fourier (Tancik
+    et al. 2020): an MLP of the two raw coordinates is smooth at the scale of the whole plot and blurs the roll's thin
+    arms together; the features let it bend sharply. Then hidden layers h <- silu(W h + b + P e(t)), each given the
+    time embedding e(t) through its own projection P so that it can act differently at each noise level; with
+    residual = True a layer whose input is as wide as its output adds to it (h <- h + silu(...)), which lets a deeper
+    net train as fast as a shallow one. fourier = 0 and residual = False is the course's plain MLP."""
+
+    def __init__(self, dim, hidden, emb_dim, fourier=0, residual=False):
         super().__init__()
-        self.emb_dim = emb_dim
+        self.emb_dim, self.residual = emb_dim, residual
+        self.register_buffer("freqs", 2.0 ** torch.arange(fourier, dtype=torch.float32) / 2, persistent=False)
         self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU())
-        widths = [dim] + list(hidden)
+        widths = [dim * (1 + 2 * fourier)] + list(hidden)
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.emb_proj = nn.ModuleList(nn.Linear(emb_dim, b) for b in hidden)
         self.out = nn.Linear(widths[-1], dim)
@@ -299,14 +311,16 @@ class NoiseMLP(nn.Module):
         if bool((t == t[0]).all()):  # sampling: every point is at the same step, so embed it once and broadcast
             t = t[:1]
         emb = self.time_mlp(timestep_embedding(t, self.emb_dim))
-        h = x
+        angles = (x[:, :, None] * self.freqs).flatten(1)  # (N, dim * fourier)
+        h = torch.cat([x, angles.sin(), angles.cos()], dim=1)
         for layer, proj in zip(self.layers, self.emb_proj):
-            h = F.silu(layer(h) + proj(emb))
+            y = F.silu(layer(h) + proj(emb))
+            h = h + y if self.residual and y.shape == h.shape else y
         return self.out(h)
 
 
 def build_point_model(args):
-    return NoiseMLP(2, args.hidden, args.emb_dim)
+    return NoiseMLP(2, args.hidden, args.emb_dim, args.fourier, args.residual)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +104,29 @@ def test_chamfer_keeps_tiny_distances():
 # ---------------------------------------------------------------------------------------------------------------
 # samplers
 # ---------------------------------------------------------------------------------------------------------------
+def test_course_preset_is_a_plain_mlp_and_the_default_adds_fourier_features_and_skips():
+    course = ddim.build_point_model(ddim.parse_args(["--preset", "course"]))
+    assert course.layers[0].in_features == 2 and [l.out_features for l in course.layers] == [128, 128, 128]
+    torch.manual_seed(0)
+    model = ddim.build_point_model(ddim.parse_args([])).eval()
+    seen = {}
+    model.layers[0].register_forward_pre_hook(lambda m, inp: seen.update(features=inp[0]))
+    model.out.register_forward_pre_hook(lambda m, inp: seen.update(last_hidden=inp[0]))
+    x, t = torch.tensor([[0.3, -1.2], [2.0, 0.5]]), torch.tensor([10, 700])
+    model(x, t)
+    f = torch.tensor([2.0 ** k / 2 for k in range(6)])  # frequencies 1/2, 1, 2, ..., 16
+    angles = torch.cat([x[:, :1] * f, x[:, 1:] * f], dim=1)
+    torch.testing.assert_close(seen["features"], torch.cat([x, angles.sin(), angles.cos()], dim=1))
+    # Residual: with the later layers' weights at zero they add silu(0) = 0, so the first layer's output goes through.
+    with torch.no_grad():
+        for module in [*model.layers[1:], *model.emb_proj[1:]]:
+            module.weight.zero_(), module.bias.zero_()
+        first = F.silu(model.layers[0](seen["features"]) + model.emb_proj[0](model.time_mlp(
+            ddim.timestep_embedding(t, model.emb_dim))))
+        model(x, t)
+    torch.testing.assert_close(seen["last_hidden"], first)
+
+
 def random_mlp(seed=0):
     torch.manual_seed(seed)
     return ddim.NoiseMLP(2, [32, 32], 16).eval()
