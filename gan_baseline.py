@@ -215,7 +215,8 @@ def load_class_folders(root, size, limit=None):
     return images, F.one_hot(torch.tensor(index), len(classes)).float(), classes, counts
 
 
-def load_json(path):
+# iCLEVR: the same loaders as cond_iclevr.py, copied so that this file reads alone (a test keeps them identical)
+def read_json(path):
     if not os.path.isfile(path):
         fail(f"{path} not found (iCLEVR needs objects.json, train.json and the --test-files in --data-dir)")
     try:
@@ -225,7 +226,7 @@ def load_json(path):
         fail(f"{path} is not valid JSON ({e})")
 
 
-def condition_vector(names, objects, where):
+def multi_hot(names, objects, where):
     """One iCLEVR condition, a list of 1-3 distinct object names, as a 0/1 vector over the objects."""
     if not isinstance(names, list) or not 1 <= len(names) <= 3:
         fail(f"{where} must list 1 to 3 objects, got {names!r}")
@@ -239,9 +240,9 @@ def condition_vector(names, objects, where):
     return y
 
 
-def load_squashed_image(path, size):
-    """An iCLEVR render (320x240 RGBA) as uint8 3 x size x size: alpha dropped, squeezed to a square without
-    cropping (as the course's loader does; a crop could cut off objects at the edges)."""
+def load_iclevr_image(path, size):
+    """An iCLEVR render (320x240 RGBA) as uint8 3 x size x size: alpha dropped, the whole frame squashed to a square
+    (bilinear), which is what transforms.Resize((size, size)) does to a PIL image; a crop could cut objects off."""
     try:
         with Image.open(path) as img:
             img = img.convert("RGB").resize((size, size), Image.BILINEAR)
@@ -250,35 +251,62 @@ def load_squashed_image(path, size):
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def load_iclevr(root, size, test_files, limit=None, with_images=True):
-    """objects.json {name: index}, train.json {file: [names]}, test files [[names], ...], images in root/iclevr.
-    Every condition is checked before any image is read. Returns (images or None, N x K training labels,
-    {test file: M x K conditions}, object names in index order)."""
-    objects = load_json(os.path.join(root, "objects.json"))
-    if not (isinstance(objects, dict) and objects and all(isinstance(i, int) for i in objects.values())
+def load_objects(path):
+    """objects.json: name -> index, the indices exactly 0 ... K-1. The order is the file's, whatever it is."""
+    objects = read_json(path)
+    if not (isinstance(objects, dict) and objects and all(type(i) is int for i in objects.values())
             and sorted(objects.values()) == list(range(len(objects)))):
-        fail(f"{os.path.join(root, 'objects.json')} must map each object name to a distinct index 0, 1, ..., K-1")
-    train = load_json(os.path.join(root, "train.json"))
-    if not isinstance(train, dict) or not train:
-        fail(f"{os.path.join(root, 'train.json')} must map image file names to lists of objects")
-    files = sorted(train)
-    labels = torch.stack([condition_vector(train[f], objects, f"train.json entry {f}") for f in files])[:limit]
-    files = files[:limit]
-    tests = {}
-    for name in test_files:
-        conditions = load_json(os.path.join(root, name))
-        if not isinstance(conditions, list) or not conditions:
-            fail(f"{os.path.join(root, name)} must be a non-empty list of conditions (lists of object names)")
-        tests[name] = torch.stack([condition_vector(c, objects, f"{name} condition {i}") for i, c in enumerate(conditions)])
-    images = None
+        fail(f"{path} must map each object name to a distinct index 0, 1, ..., K-1")
+    return objects
+
+
+def load_conditions(path, objects):
+    """test.json / new_test.json: a list of conditions -> (the lists, their multi-hot vectors M x K)."""
+    conditions = read_json(path)
+    if not isinstance(conditions, list) or not conditions:
+        fail(f"{path} must be a non-empty list of conditions (lists of object names)")
+    name = os.path.basename(path)
+    return conditions, torch.stack([multi_hot(c, objects, f"{name}[{i}]") for i, c in enumerate(conditions)])
+
+
+def load_train_index(path, image_dir, objects, limit=None):
+    """train.json: image file name -> objects. Every entry is checked, and every image must exist, before any
+    image is read. Returns (image paths, multi-hot labels N x K), in the file's order."""
+    index = read_json(path)
+    if not isinstance(index, dict) or not index:
+        fail(f"{path} must map image file names to lists of objects")
+    names = list(index)[:limit]
+    labels = torch.stack([multi_hot(index[n], objects, f"train.json[{n!r}]") for n in names])
+    for name in names:
+        if not os.path.isfile(os.path.join(image_dir, name)):
+            fail(f"image {os.path.join(image_dir, name)} listed in train.json does not exist")
+    return [os.path.join(image_dir, n) for n in names], labels
+
+
+def load_iclevr_images(paths, size):
+    print(f"reading {len(paths)} images at {size}x{size} ...", flush=True)
+    t0, images = time.time(), []
+    for i, path in enumerate(paths):
+        images.append(load_iclevr_image(path, size))
+        if i % 2000 == 1999 and time.time() - t0 > 10:
+            print(f"  {i + 1}/{len(paths)}", flush=True)
+    return torch.stack(images)
+
+
+def load_iclevr_dataset(root, size, test_files, limit=None, with_images=True):
+    """cond_iclevr.py's loaders, gathered into what this script needs: (uint8 images or None, N x K training labels,
+    {test file: M x K conditions}, object names in index order). Every file is checked before any image is read."""
+    objects = load_objects(os.path.join(root, "objects.json"))
+    train_json = os.path.join(root, "train.json")
     if with_images:
-        image_dir = os.path.join(root, "iclevr")
-        missing = [f for f in files if not os.path.isfile(os.path.join(image_dir, f))]
-        if missing:
-            fail(f"image {os.path.join(image_dir, missing[0])} listed in train.json does not exist"
-                 + (f" (nor do {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        print(f"reading {len(files)} images from {image_dir} at {size}x{size} ...", flush=True)
-        images = torch.stack([load_squashed_image(os.path.join(image_dir, f), size) for f in files])
+        paths, labels = load_train_index(train_json, os.path.join(root, "iclevr"), objects, limit)
+    else:  # --sample-only: G is sampled with the training labels, but the images need not be there
+        index = read_json(train_json)
+        if not isinstance(index, dict) or not index:
+            fail(f"{train_json} must map image file names to lists of objects")
+        labels = torch.stack([multi_hot(index[n], objects, f"train.json[{n!r}]") for n in list(index)[:limit]])
+    tests = {name: load_conditions(os.path.join(root, name), objects)[1] for name in test_files}
+    images = load_iclevr_images(paths, size) if with_images else None
     return images, labels, tests, sorted(objects, key=objects.get)
 
 
@@ -286,7 +314,7 @@ def load_training_data(args, with_images=True):
     """(images, labels, iCLEVR test conditions, label names, images per label) for the chosen --dataset;
     labels is None for the unconditional modes. Without images only what sampling needs is read."""
     if args.dataset == "iclevr":
-        return (*load_iclevr(args.data_dir, args.image_size, args.test_files, args.limit, with_images), None)
+        return (*load_iclevr_dataset(args.data_dir, args.image_size, args.test_files, args.limit, with_images), None)
     if not with_images:
         return None, None, {}, None, None
     if args.dataset == "mnist":

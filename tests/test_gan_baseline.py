@@ -366,7 +366,7 @@ def test_accuracy_follows_the_course_protocol(data, tmp_path, monkeypatch):
     """Real scenes with their own labels score 1 with the stand-in; mismatched labels score less. This checks that
     images and labels reach eval() aligned, in [-1, 1], with the objects.json indices."""
     monkeypatch.chdir(tmp_path)
-    images, labels, tests, names = gb.load_iclevr(str(data["iclevr"]), 64, ["test.json"])
+    images, labels, tests, names = gb.load_iclevr_dataset(str(data["iclevr"]), 64, ["test.json"])
     assert images.shape == (24, 3, 64, 64) and images.dtype == torch.uint8 and labels.shape == (24, 24)
     assert names == list(OBJECTS) and tests["test.json"].shape == (32, 24)
     assert set(labels.sum(1).tolist()) <= {1.0, 2.0, 3.0}
@@ -417,7 +417,7 @@ BAD_ICLEVR = {
                        "'pink cube'"),
     "missing image": (lambda r: os.remove(r / "iclevr" / first_train_file(r)), "does not exist"),
     "four objects": (lambda r: edit_json(r / "test.json", lambda t: t.__setitem__(
-        3, ["gray cube", "red cube", "blue cube", "green cube"])), "test.json condition 3"),
+        3, ["gray cube", "red cube", "blue cube", "green cube"])), "test.json[3]"),
     "repeated object": (lambda r: edit_json(r / "new_test.json", lambda t: t.__setitem__(5, ["red cube", "red cube"])),
                         "repeats"),
     "missing test file": (lambda r: os.remove(r / "new_test.json"), "new_test.json not found"),
