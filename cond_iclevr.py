@@ -256,15 +256,16 @@ def load_conditions(path, objects):
     return conditions, torch.stack([multi_hot(c, objects, f"{name}[{i}]") for i, c in enumerate(conditions)])
 
 
-def load_train_index(path, image_dir, objects, limit=None):
-    """train.json: image file name -> objects. Every entry is checked, and every image must exist, before any
-    image is read. Returns (image paths, multi-hot labels N x K), in the file's order."""
+def load_train_index(path, image_dir, objects, limit=None, check_images=True):
+    """train.json: image file name -> objects. Every entry is checked, and (unless check_images is False: only the
+    labels are needed) every image must exist, before any image is read. Returns (image paths, multi-hot labels
+    N x K), in the file's order."""
     index = read_json(path)
     if not isinstance(index, dict) or not index:
         fail(f"{path} must map image file names to lists of objects")
     names = list(index)[:limit]
     labels = torch.stack([multi_hot(index[n], objects, f"train.json[{n!r}]") for n in names])
-    for name in names:
+    for name in names if check_images else []:
         if not os.path.isfile(os.path.join(image_dir, name)):
             fail(f"image {os.path.join(image_dir, name)} listed in train.json does not exist")
     return [os.path.join(image_dir, n) for n in names], labels

@@ -269,15 +269,16 @@ def load_conditions(path, objects):
     return conditions, torch.stack([multi_hot(c, objects, f"{name}[{i}]") for i, c in enumerate(conditions)])
 
 
-def load_train_index(path, image_dir, objects, limit=None):
-    """train.json: image file name -> objects. Every entry is checked, and every image must exist, before any
-    image is read. Returns (image paths, multi-hot labels N x K), in the file's order."""
+def load_train_index(path, image_dir, objects, limit=None, check_images=with_images):
+    """train.json: image file name -> objects. Every entry is checked, and (unless check_images is False: only the
+    labels are needed) every image must exist, before any image is read. Returns (image paths, multi-hot labels
+    N x K), in the file's order."""
     index = read_json(path)
     if not isinstance(index, dict) or not index:
         fail(f"{path} must map image file names to lists of objects")
     names = list(index)[:limit]
     labels = torch.stack([multi_hot(index[n], objects, f"train.json[{n!r}]") for n in names])
-    for name in names:
+    for name in names if check_images else []:
         if not os.path.isfile(os.path.join(image_dir, name)):
             fail(f"image {os.path.join(image_dir, name)} listed in train.json does not exist")
     return [os.path.join(image_dir, n) for n in names], labels
@@ -297,14 +298,9 @@ def load_iclevr_dataset(root, size, test_files, limit=None, with_images=True):
     """cond_iclevr.py's loaders, gathered into what this script needs: (uint8 images or None, N x K training labels,
     {test file: M x K conditions}, object names in index order). Every file is checked before any image is read."""
     objects = load_objects(os.path.join(root, "objects.json"))
-    train_json = os.path.join(root, "train.json")
-    if with_images:
-        paths, labels = load_train_index(train_json, os.path.join(root, "iclevr"), objects, limit)
-    else:  # --sample-only: G is sampled with the training labels, but the images need not be there
-        index = read_json(train_json)
-        if not isinstance(index, dict) or not index:
-            fail(f"{train_json} must map image file names to lists of objects")
-        labels = torch.stack([multi_hot(index[n], objects, f"train.json[{n!r}]") for n in list(index)[:limit]])
+    # Without images (--sample-only) G is sampled with the training labels, but the images need not be there.
+    paths, labels = load_train_index(os.path.join(root, "train.json"), os.path.join(root, "iclevr"), objects, limit,
+                                     check_images=with_images)
     tests = {name: load_conditions(os.path.join(root, name), objects)[1] for name in test_files}
     images = load_iclevr_images(paths, size) if with_images else None
     return images, labels, tests, sorted(objects, key=objects.get)

@@ -360,6 +360,14 @@ def test_iclevr_without_evaluator_says_accuracy_is_skipped(tmp_path, data, capsy
     run(["--dataset", "iclevr", "--data-dir", data["iclevr"], "--epochs", 1, "--out", out] + TINY)
     assert "accuracy skipped" in capsys.readouterr().out
     assert read_metrics(out)["accuracy"] is None and (out / "test.png").is_file()
+    images, moved = Path(data["iclevr"]) / "iclevr", tmp_path / "elsewhere"
+    os.rename(images, moved)  # --sample-only needs train.json's labels, not the images
+    try:
+        (out / "test.png").unlink()
+        run(["--sample-only", "--out", out, "--no-fid"])
+    finally:
+        os.rename(moved, images)
+    assert (out / "test.png").is_file() and (out / "new_test.png").is_file()
 
 
 def test_accuracy_follows_the_course_protocol(data, tmp_path, monkeypatch):
