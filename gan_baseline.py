@@ -269,7 +269,7 @@ def load_conditions(path, objects):
     return conditions, torch.stack([multi_hot(c, objects, f"{name}[{i}]") for i, c in enumerate(conditions)])
 
 
-def load_train_index(path, image_dir, objects, limit=None, check_images=with_images):
+def load_train_index(path, image_dir, objects, limit=None, check_images=True):
     """train.json: image file name -> objects. Every entry is checked, and (unless check_images is False: only the
     labels are needed) every image must exist, before any image is read. Returns (image paths, multi-hot labels
     N x K), in the file's order."""
