@@ -11,13 +11,15 @@ denoising process of ["red sphere", "yellow cube", "cyan cylinder"].
 
 The data (the course's formats; the object order is read from objects.json, never assumed)
 ------------------------------------------------------------------------------------------
-  objects.json      {"gray cube": 0, "red cube": 1, ..., "yellow cylinder": 23}
+  objects.json      {"gray cube": 0, "red cube": 1, ..., "yellow cylinder": 23}   (the spec's object.json: --objects)
   train.json        {"CLEVR_train_001032_0.png": ["yellow sphere"], ...}   (18,009 images, 1-3 objects each)
   test.json, new_test.json   [["gray cube"], ["red cube"], ["blue cube", "green cube"], ...]   (32 each)
   iclevr/           the 320x240 RGBA PNGs named in train.json
-Each image is converted to RGB and resized (squashed, bilinear) to 64x64, exactly what the usual recipe
-transforms.Resize((64, 64)) does to a PIL image: the evaluator saw whole scenes, so cropping would cut
-objects off. Pixels go to [-1, 1] = Normalize(mean 0.5, std 0.5), the evaluator's input convention.
+Each image is converted to RGB and resized (squashed, bilinear) to --image-size, exactly what the usual recipe
+transforms.Resize((64, 64)) does to a PIL image: the evaluator saw whole scenes, so cropping would cut objects
+off. Pixels go to [-1, 1] = Normalize(mean 0.5, std 0.5), the evaluator's input convention. The model may work at
+32x32 (--image-size 32, the CPU preset): its images are upsampled (bilinear) to --output-size 64 for the hand-in
+and the evaluator, which the course trained on 32x32 images upsampled to 64x64.
 
 The maths (t runs over {0, ..., T-1}; the DDPM parts are ddpm_mnist.py's, unchanged)
 ------------------------------------------------------------------------------------
@@ -25,184 +27,150 @@ The maths (t runs over {0, ..., T-1}; the DDPM parts are ddpm_mnist.py's, unchan
                     "null" condition, which no real image has.
   model             eps_theta(x_t, t, y) = UNet(x_t, t, extra_emb = MLP(W y + b)): W y is the sum of the
                     requested objects' embeddings; the MLP lets objects interact; the result is added to the
-                    time embedding of every residual block.
+                    time embedding of every residual block                                    (MultiLabelUNet)
   training          L = E || eps - eps_theta(x_t, t, y') ||^2,  y' = 0 with probability p_uncond, else y
                     (label dropout: one network learns both eps(x_t, t, y) and eps(x_t, t, 0); Ho & Salimans 2022)
-  classifier-free   eps~ = eps_theta(x_t, t, 0) + s (eps_theta(x_t, t, y) - eps_theta(x_t, t, 0))        (--guidance s)
+                                                                                       (drop_labels, train)
+  classifier-free   eps~ = eps_theta(x_t, t, 0) + s (eps_theta(x_t, t, y) - eps_theta(x_t, t, 0))  (--guidance s)
   guidance          s = 1 is the plain conditional model; Ho & Salimans write (1 + w) eps_c - w eps_u, w = s - 1.
-  classifier        Dhariwal & Nichol 2021 move eps along grad log p(y | x_t). The course's evaluator was trained on
-  guidance          clean images only, so it is asked about the current estimate x0_hat instead of the noisy x_t:
-                    log p(y | x) = sum_j [y_j log sigma_j(x) + (1 - y_j) log(1 - sigma_j(x))]   (its 24 sigmoids)
-                    x0_hat' = x0_hat + S grad_{x0_hat} log p(y | x0_hat),                    (--classifier-guidance S)
-                    eps^ = (x_t - sqrt(abar_t) x0_hat') / sqrt(1 - abar_t) = eps - S sqrt(abar_t / (1 - abar_t)) grad,
-                    so every sampler uses the guided estimate unchanged. Grading with the network that guided the
-                    samples flatters the number: report accuracy without it first, and check the course's rules.
+                                                                                          (make_guided_eps_fn)
+  classifier        Dhariwal & Nichol 2021 (Algorithm 2, in its eps form):                (classifier_guided_eps)
+  guidance              eps^ = eps - S sqrt(1 - abar_t) grad_{x_t} log p(y | x_t)      (--classifier-guidance S)
+                    with the evaluator's 24 logits l(x) as the classifier:
+                        log p(y | x) = sum_j [ y_j logsigmoid(l_j(x)) + (1 - y_j) logsigmoid(-l_j(x)) ]
+                    The evaluator was trained on clean images, so it is read at the denoised estimate:
+                        log p(y | x_t) := log p(y | x0_hat(x_t)),  x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+                    with eps held fixed (no gradient through the diffusion model), so that
+                        grad_{x_t} = grad_{x0_hat} / sqrt(abar_t):  strong while the layout forms, weak at the end.
+                    Grading with the network that guided the samples flatters the number: --evaluator-dir takes a
+                    second, independent judge, and --guide-dir chooses the guiding one.
   accuracy          acc = sum_i |topk_{k_i}(sigma(x_i)) n y_i| / sum_i k_i,   k_i = number of objects requested for i
 
 Commands
 --------
   python cond_iclevr.py --data-dir file --evaluator-dir file                    # the homework on a GPU
+  python cond_iclevr.py --preset cpu --data-dir file --evaluator-dir file       # a 2-core CPU in under two hours
   python cond_iclevr.py --data-dir file --evaluator-dir file --sample-only --guidance 3    # resample, regrade
   python cond_iclevr.py --data-dir file --evaluator-dir file --epochs 300 --eval-every 10  # accuracy.csv per 10 epochs
-  python benchmarks/cond_iclevr.py --preset gpu --data-dir file --evaluator-dir file      # accuracy per epoch and scale
-  # CPU demo on a miniature dataset (flat coloured shapes; a stand-in evaluator whose number means nothing);
-  # about 2.5 CPU minutes, far too short to draw objects: it shows that every output is written
-  python tests/iclevr_fixtures.py runs/mini_iclevr --num-train 512
-  python cond_iclevr.py --data-dir runs/mini_iclevr --evaluator-dir runs/mini_iclevr/stand_in_evaluator \\
-      --out runs/cond_iclevr_cpu16 --device cpu --image-size 16 --ch 16 --ch-mult 1 2 --num-res-blocks 1 \\
-      --attn-res 8 --timesteps 100 --epochs 45 --batch-size 32 --lr 1e-3 --warmup 50 --ema-decay 0.995 \\
-      --sampler ddim --steps 25
+  python benchmarks/cond_iclevr.py --preset cpu --data-dir DIR --evaluator-dir DIR    # the README's table
 """
 
 import argparse
+import copy
 import csv
 import importlib.util
 import json
 import math
 import os
+import pickletools
+import shutil
+import signal
 import sys
+import tempfile
 import time
 import zipfile
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageDraw, ImageFont
 
-# Keys that define a training run; --resume and --sample-only take them from the checkpoint.
+SCRIPT = "cond_iclevr"  # written into every checkpoint, so that another script's checkpoint is recognised
+# A preset changes defaults only; an explicit flag still wins. Measured numbers are in the README.
+PRESETS = {
+    # Sized for a 2-core CPU: 32x32 images upsampled to 64 for the evaluator, a narrow UNet, DDIM with few steps.
+    "cpu": dict(device="cpu", image_size=32, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_res=8, dropout=0.0,
+                epochs=13, batch_size=64, lr=2e-3, lr_decay="cosine", warmup=300, ema_decay=0.999,
+                sampler="ddim", steps=50, eta=0.0, guidance=2.0, sample_batch_size=64, num_samples=4),
+}
+# The flags that define a training run: --resume and --sample-only take them from the checkpoint.
 RUN_KEYS = ("image_size", "limit", "flip", "ch", "ch_mult", "num_res_blocks", "attn_res", "dropout", "timesteps",
-            "schedule", "label_dropout", "batch_size", "lr", "warmup", "grad_clip", "ema_decay", "seed")
+            "schedule", "label_dropout", "batch_size", "lr", "lr_decay", "warmup", "grad_clip", "ema_decay", "seed",
+            "object_names")
 DELIBERATELY_DIFFERENT = {
     "build_model": "wraps the UNet with the multi-hot label embedding",
-    "train": "batches carry multi-hot labels, dropped for classifier-free guidance",
+    "check_args": "adds the guidance, the evaluator folders and the test files",
 }
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------------------------
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Multi-label conditional DDPM on iCLEVR (see the module docstring).",
+# =================================================================================================================
+# Flags
+# =================================================================================================================
+def build_parser():
+    p = FlagParser(description="Multi-label conditional DDPM on iCLEVR (see the module docstring).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default="file",
-                   help="folder holding objects.json, train.json and the test files (the course's file/ folder)")
-    g.add_argument("--image-dir", default=None, help="folder of the training PNGs (default DATA_DIR/iclevr)")
-    g.add_argument("--test-files", nargs="+", default=["test.json", "new_test.json"],
-                   help="condition files to generate and grade (relative to --data-dir unless absolute)")
-    g.add_argument("--image-size", type=int, default=64, help="side of the square images (the evaluator takes 64)")
-    g.add_argument("--limit", type=int, default=None, help="train on the first N images of train.json only")
-    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False,
-                   help="random horizontal flips (off: they mirror the scene's fixed lighting and shadows)")
-    g = p.add_argument_group("model and noise schedule")
-    g.add_argument("--ch", type=int, default=128, help="base channel width of the UNet (128: 37M parameters; 64: 9.4M)")
-    g.add_argument("--ch-mult", type=int, nargs="+", default=None,
-                   help="width multiplier per resolution (default: 1 2 2 up to 32 px, 1 2 2 2 above)")
-    g.add_argument("--num-res-blocks", type=int, default=2, help="residual blocks per resolution")
-    g.add_argument("--attn-res", type=int, default=16, help="self-attention on feature maps of this side or smaller")
-    g.add_argument("--dropout", type=float, default=0.1)
-    g.add_argument("--timesteps", type=int, default=1000, help="T, the number of diffusion steps")
-    g.add_argument("--schedule", choices=["linear", "cosine"], default="linear",
-                   help="linear: beta 1e-4 -> 0.02 (Ho et al.); cosine: Nichol & Dhariwal 2021")
-    g.add_argument("--label-dropout", type=float, default=0.1,
-                   help="probability of training on the null condition (needed for --guidance other than 1)")
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=200)
-    g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate after warm-up")
-    g.add_argument("--warmup", type=int, default=500, help="linear learning-rate warm-up, in iterations")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
-    g.add_argument("--ema-decay", type=float, default=0.999, help="decay of the exponential moving average of the weights")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model for training (GPU)")
-    g.add_argument("--out", default="runs/cond_iclevr", help="folder for checkpoint, images and metrics")
-    g.add_argument("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt")
-    g = p.add_argument_group("sampling, guidance and grading")
-    g.add_argument("--sample-only", action="store_true", help="skip training: sample from --ckpt")
-    g.add_argument("--ckpt", default=None, help="checkpoint for --sample-only (default OUT/ckpt.pt)")
-    g.add_argument("--num-samples", type=int, default=1,
-                   help="sets of images per test file: the first is handed in, all are graded (mean and spread)")
-    g.add_argument("--sample-batch-size", type=int, default=256)
-    g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    g.add_argument("--steps", type=int, default=None, help="DDIM steps (default: all T)")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like noise")
-    g.add_argument("--guidance", type=float, default=2.0,
-                   help="classifier-free guidance scale s: 1 = conditional model alone, 0 = unconditional")
-    g.add_argument("--classifier-guidance", type=float, default=0.0, metavar="S",
-                   help="step size S of guidance by the evaluator's gradient at x0_hat (needs --evaluator-dir)")
-    g.add_argument("--evaluator-dir", default=None,
-                   help="folder with the course's evaluator.py and checkpoint.pth (accuracy is skipped without it)")
-    g.add_argument("--eval-every", type=int, default=0,
-                   help="during training, grade every K epochs into OUT/accuracy.csv (0: only at the end)")
-    g.add_argument("--eval-steps", type=int, default=None,
-                   help="DDIM steps of the images graded during training (default: 50, or T if smaller)")
-    g.add_argument("--process-labels", nargs="+", default=["red sphere", "yellow cube", "cyan cylinder"],
-                   help="objects of the denoising-process row")
-    args = p.parse_args(argv)
+    a = p.add_argument
+    a("--preset", choices=sorted(PRESETS), default=None, help="cpu: the configuration measured on a 2-core CPU")
+    a("--data-dir", default="file", help="folder of objects.json, train.json and the test files (the course's file/)")
+    a("--objects", default=None, help="the objects file (default DATA_DIR/objects.json, or object.json if that is there)")
+    a("--image-dir", default=None, help="folder of the training PNGs (default DATA_DIR/iclevr)")
+    a("--test-files", nargs="+", default=["test.json", "new_test.json"], help="condition files to generate and grade")
+    a("--image-size", type=int, default=64, help="side of the images the model makes (32: upsampled for grading)")
+    a("--output-size", type=int, default=64, help="side of the handed-in and graded images (the evaluator takes 64)")
+    a("--limit", type=int, default=None, help="train on the first N images of train.json only")
+    a("--flip", action=argparse.BooleanOptionalAction, default=False, help="random mirroring (off: fixed lighting)")
+    a("--ch", type=int, default=128, help="base channel width of the UNet (128: 37M parameters; 64: 9.4M)")
+    a("--ch-mult", type=int, nargs="+", default=None, help="width per resolution (default 1 2 2; 1 2 2 2 above 32 px)")
+    a("--num-res-blocks", type=int, default=2, help="residual blocks per resolution")
+    a("--attn-res", type=int, default=16, help="self-attention on feature maps of this side or smaller")
+    a("--dropout", type=float, default=0.1, help="dropout inside the residual blocks")
+    a("--timesteps", type=int, default=1000, help="T, the number of diffusion steps")
+    a("--schedule", choices=["linear", "cosine"], default="linear", help="linear 1e-4 -> 0.02, or cosine")
+    a("--label-dropout", "--cfg-dropout", dest="label_dropout", type=float, default=0.1,
+      help="probability of training on the null condition (needed for --guidance other than 1)")
+    a("--epochs", type=int, default=200, help="passes over the training images")
+    a("--iters", type=int, default=None, help="stop after this many optimiser steps instead (overrides --epochs)")
+    a("--batch-size", type=int, default=128, help="images per optimiser step (all GPUs together under torchrun)")
+    a("--lr", type=float, default=2e-4, help="AdamW learning rate after warm-up")
+    a("--lr-decay", choices=["constant", "cosine"], default="constant", help="after warm-up: keep it, or decay to 0")
+    a("--warmup", type=int, default=500, help="linear learning-rate warm-up, in steps")
+    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
+    a("--ema-decay", type=float, default=0.999, help="decay of the weights' moving average (0: none)")
+    a("--seed", type=int, default=0, help="seeds the training and the sampling noise")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
+    a("--compile", action="store_true", help="torch.compile the model for training (GPU)")
+    a("--out", default="runs/cond_iclevr", help="folder for checkpoint, images and metrics")
+    a("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt")
+    a("--sample-only", action="store_true", help="skip training: sample from --ckpt")
+    a("--ckpt", default=None, help="checkpoint for --sample-only (default OUT/ckpt.pt)")
+    a("--num-samples", type=int, default=1, help="sets of images per test file: the first is handed in, all graded")
+    a("--sample-batch-size", type=int, default=256, help="images denoised at once")
+    a("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral DDPM (all T steps) or DDIM")
+    a("--steps", type=int, default=None, help="DDIM steps (default: all T)")
+    a("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]: 0 deterministic, 1 DDPM-like noise")
+    a("--fid", action=argparse.BooleanOptionalAction, default=False, help="(iCLEVR is graded by accuracy, not FID)")
+    a("--guidance", type=float, default=2.0, help="classifier-free guidance scale s: 1 = conditional model alone")
+    a("--classifier-guidance", type=float, default=0.0, metavar="S", help="scale S of guidance by an evaluator")
+    a("--evaluator-dir", nargs="+", default=None, metavar="DIR",
+      help="folders with evaluator.py + checkpoint.pth: the first grades the hand-in, every one is reported")
+    a("--guide-dir", default=None, help="the evaluator folder that --classifier-guidance uses (default: the first)")
+    a("--eval-every", type=int, default=0, help="during training, grade every K epochs into OUT/accuracy.csv")
+    a("--eval-steps", type=int, default=None, help="DDIM steps of the images graded during training (default 50)")
+    a("--save-as", nargs="+", default=None, metavar="OUTPUT=FILE",
+      help="also save outputs under a course's names, e.g. grid.png=result_mnist.jpg loss.png=loss_mnist.jpg")
+    a("--process-labels", nargs="+", default=["red sphere", "yellow cube", "cyan cylinder"], help="the process row")
+    return p
 
-    # Bad values stop here, before anything is read or written.
+
+def parse_args(argv=None):
+    args = parse_with_preset(build_parser(), argv)
     if args.ch_mult is None:
         args.ch_mult = [1, 2, 2] if args.image_size <= 32 else [1, 2, 2, 2]
-    checks = [
-        (args.epochs >= 0, f"--epochs must be 0 or more, got {args.epochs}"),
-        (args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}"),
-        (args.lr > 0, f"--lr must be positive, got {args.lr}"),
-        (args.warmup >= 0, f"--warmup must be 0 or more, got {args.warmup}"),
-        (0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1), got {args.ema_decay}"),
-        (0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}"),
-        (0 <= args.label_dropout < 1, f"--label-dropout must be in [0, 1), got {args.label_dropout}"),
-        (args.timesteps >= 2, f"--timesteps must be at least 2, got {args.timesteps}"),
-        (args.schedule != "linear" or args.timesteps > 20,  # make_betas scales 0.02 by 1000 / T: beta_{T-1} = 20 / T
-         f"--timesteps {args.timesteps} with the linear schedule makes beta reach 1 or more; use more steps or --schedule cosine"),
-        (args.ch >= 1 and min(args.ch_mult) >= 1, "--ch and --ch-mult must be positive"),
-        (args.num_res_blocks >= 1, f"--num-res-blocks must be at least 1, got {args.num_res_blocks}"),
-        (args.image_size >= 8, f"--image-size must be at least 8, got {args.image_size}"),
-        (args.limit is None or args.limit >= 1, f"--limit must be at least 1, got {args.limit}"),
-        (args.num_samples >= 1, f"--num-samples must be at least 1, got {args.num_samples}"),
-        (args.sample_batch_size >= 1, f"--sample-batch-size must be at least 1, got {args.sample_batch_size}"),
-        (args.steps is None or 1 <= args.steps <= args.timesteps,
-         f"--steps must be between 1 and --timesteps ({args.timesteps}), got {args.steps}"),
-        (args.steps is None or args.sampler == "ddim",
-         "--steps applies to --sampler ddim; DDPM takes all T steps (use --sampler ddim --eta 1 for a shorter noisy chain)"),
-        (args.eta >= 0, f"--eta must be 0 or more, got {args.eta}"),
-        (args.guidance >= 0, f"--guidance must be 0 or more, got {args.guidance}"),
-        (args.classifier_guidance >= 0, f"--classifier-guidance must be 0 or more, got {args.classifier_guidance}"),
-        (args.classifier_guidance == 0 or args.evaluator_dir,
-         "--classifier-guidance needs the course's evaluator: pass --evaluator-dir"),
-        (args.eval_every >= 0, f"--eval-every must be 0 or more, got {args.eval_every}"),
-        (args.eval_every == 0 or args.evaluator_dir, "--eval-every needs the course's evaluator: pass --evaluator-dir"),
-        (args.eval_steps is None or 1 <= args.eval_steps <= args.timesteps,
-         f"--eval-steps must be between 1 and --timesteps ({args.timesteps}), got {args.eval_steps}"),
-        (args.device == "cpu" or not args.device.startswith("cuda") or torch.cuda.is_available(),
-         f"--device {args.device} was asked for but CUDA is not available"),
-        (os.path.isdir(args.data_dir), f"--data-dir {args.data_dir} is not a folder"),
-        (args.evaluator_dir is None or os.path.isdir(args.evaluator_dir),
-         f"--evaluator-dir {args.evaluator_dir} is not a folder"),
-        (not (args.resume and args.sample_only), "--resume and --sample-only exclude each other"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            p.exit(2, f"error: {message}\n")
     args.image_dir = args.image_dir or os.path.join(args.data_dir, "iclevr")
     args.test_files = [f if os.path.isabs(f) else os.path.join(args.data_dir, f) for f in args.test_files]
+    args.guide_dir = args.guide_dir or (args.evaluator_dir[0] if args.evaluator_dir else None)
     args.ckpt = args.ckpt or os.path.join(args.out, "ckpt.pt")
-    if (args.resume or args.sample_only) and not os.path.isfile(args.ckpt):
-        p.exit(2, f"error: checkpoint {args.ckpt} not found (train first, or pass --ckpt)\n")
+    args.object_names = None  # read from objects.json (or the checkpoint)
+    check_args(args)
     return args
 
 
-def fail(message):
-    """One clear sentence and a non-zero exit: how every script reports bad input."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-# ---------------------------------------------------------------------------------------------------------------
+# =================================================================================================================
 # Data: the course's JSON files, checked entry by entry; every training image as one uint8 tensor N x 3 x H x W
-# ---------------------------------------------------------------------------------------------------------------
+# =================================================================================================================
 def read_json(path):
     if not os.path.isfile(path):
         fail(f"{path} not found (iCLEVR needs objects.json, train.json and the --test-files in --data-dir)")
@@ -211,6 +179,14 @@ def read_json(path):
             return json.load(fh)
     except (ValueError, UnicodeDecodeError) as e:
         fail(f"{path} is not valid JSON ({e})")
+
+
+def objects_file(data_dir, given=None):
+    """--objects, else DATA_DIR/objects.json, else the spec's spelling DATA_DIR/object.json."""
+    if given:
+        return given
+    plural, singular = os.path.join(data_dir, "objects.json"), os.path.join(data_dir, "object.json")
+    return singular if not os.path.isfile(plural) and os.path.isfile(singular) else plural
 
 
 def multi_hot(names, objects, where):
@@ -228,11 +204,11 @@ def multi_hot(names, objects, where):
 
 
 def load_iclevr_image(path, size):
-    """An iCLEVR render (320x240 RGBA) as uint8 3 x size x size: alpha dropped, the whole frame squashed to a square
+    """An iCLEVR render (320x240 RGBA) as uint8 3 x size x size: 8-bit RGB, the whole frame squashed to a square
     (bilinear), which is what transforms.Resize((size, size)) does to a PIL image; a crop could cut objects off."""
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+            img = to_rgb8(img).resize((size, size), Image.BILINEAR)
     except Exception as e:
         fail(f"cannot read image {path} ({type(e).__name__}: {e})")
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
@@ -272,18 +248,18 @@ def load_train_index(path, image_dir, objects, limit=None, check_images=True):
 
 
 def load_iclevr_images(paths, size):
-    print(f"reading {len(paths)} images at {size}x{size} ...", flush=True)
+    say(f"reading {len(paths)} images at {size}x{size} ...")
     t0, images = time.time(), []
     for i, path in enumerate(paths):
         images.append(load_iclevr_image(path, size))
         if i % 2000 == 1999 and time.time() - t0 > 10:
-            print(f"  {i + 1}/{len(paths)}", flush=True)
+            say(f"  {i + 1}/{len(paths)}")
     return torch.stack(images)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# =================================================================================================================
 # Noise schedule: every per-step constant, computed once in float64
-# ---------------------------------------------------------------------------------------------------------------
+# =================================================================================================================
 def make_betas(kind, T):
     if kind == "linear":
         # Ho et al. use 1e-4 -> 0.02 for T = 1000; scaling by 1000 / T keeps abar_{T-1} near 0 for other T
@@ -312,14 +288,13 @@ class NoiseSchedule:
         self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1 - self.alphas_cumprod)
 
     def to(self, device):
-        moved = object.__new__(NoiseSchedule)
-        moved.__dict__ = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.__dict__.items()}
-        return moved
+        """The same schedule with its tensors on device (every constant above follows from betas)."""
+        return NoiseSchedule(self.betas.to(device))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# =================================================================================================================
 # Model: ddpm_mnist.py's UNet, with the multi-hot condition added to its time embedding
-# ---------------------------------------------------------------------------------------------------------------
+# =================================================================================================================
 def timestep_embedding(t, dim):
     """Sinusoidal embedding of the step (Vaswani et al.), as in the DDPM UNet: dim/2 frequencies from 1 to 1e-4."""
     half = dim // 2
@@ -398,33 +373,39 @@ class Upsample(nn.Module):
 class UNet(nn.Module):
     """eps_theta(x_t, t): an encoder-decoder with skip connections (Ronneberger et al.; Ho et al.'s layout).
 
-    extra_emb, if given, is added to the time embedding: how the conditional scripts feed in labels."""
+    Level k works at 1/2^k of the image size with ch * ch_mult[k] channels; the levels in attn_levels (and the
+    middle) add self-attention. extra_emb, if given, is added to the time embedding: how the conditional scripts
+    feed in labels."""
 
-    def __init__(self, in_ch, ch, ch_mult, num_res_blocks, attn_res, dropout, image_size):
+    def __init__(self, in_ch, ch, ch_mult, num_res_blocks, attn_levels, dropout):
         super().__init__()
-        self.ch, self.emb_dim = ch, 4 * ch
+        self.ch = ch
+        self.emb_dim = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, self.emb_dim), nn.SiLU(), nn.Linear(self.emb_dim, self.emb_dim))
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
-        self.down, skip_chs, cur, res = nn.ModuleList(), [ch], ch, image_size
+        # Encoder: num_res_blocks blocks per level, then a stride-2 convolution (none after the last level).
+        # skip_chs records the width of every output the decoder will concatenate back, in order.
+        self.down = nn.ModuleList()
+        skip_chs = [ch]
+        cur = ch  # channels of the current feature map
         for level, mult in enumerate(ch_mult):
             for _ in range(num_res_blocks):
-                self.down.append(ResBlock(cur, ch * mult, self.emb_dim, dropout, attention=res <= attn_res))
+                self.down.append(ResBlock(cur, ch * mult, self.emb_dim, dropout, attention=level in attn_levels))
                 cur = ch * mult
                 skip_chs.append(cur)
             if level < len(ch_mult) - 1:
                 self.down.append(Downsample(cur))
                 skip_chs.append(cur)
-                res = (res + 1) // 2
         self.mid = nn.ModuleList([ResBlock(cur, cur, self.emb_dim, dropout, attention=True),
                                   ResBlock(cur, cur, self.emb_dim, dropout)])
+        # Decoder: one more block per level than the encoder, each eating one skip connection.
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):
-                self.up.append(ResBlock(cur + skip_chs.pop(), ch * mult, self.emb_dim, dropout, attention=res <= attn_res))
+                self.up.append(ResBlock(cur + skip_chs.pop(), ch * mult, self.emb_dim, dropout, attention=level in attn_levels))
                 cur = ch * mult
             if level > 0:
                 self.up.append(Upsample(cur))
-                res = res * 2
         self.norm_out = group_norm(cur)
         self.conv_out = nn.Conv2d(cur, in_ch, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
@@ -449,6 +430,14 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+def attention_levels(image_size, ch_mult, attn_res):
+    """The levels whose feature maps are attn_res pixels or smaller (28 px: levels at 28, 14, 7; 64 px: 64 ... 8)."""
+    sides = [image_size]
+    for _ in ch_mult[1:]:
+        sides.append((sides[-1] + 1) // 2)  # a stride-2 convolution with padding 1 rounds up
+    return [level for level, side in enumerate(sides) if side <= attn_res]
+
+
 class MultiLabelUNet(nn.Module):
     """eps_theta(x_t, t, y): the UNet, plus an embedding of the multi-hot y added to its time embedding.
 
@@ -466,13 +455,14 @@ class MultiLabelUNet(nn.Module):
 
 
 def build_model(args, num_classes):
-    unet = UNet(3, args.ch, args.ch_mult, args.num_res_blocks, args.attn_res, args.dropout, args.image_size)
+    levels = attention_levels(args.image_size, args.ch_mult, args.attn_res)
+    unet = UNet(3, args.ch, args.ch_mult, args.num_res_blocks, levels, args.dropout)
     return MultiLabelUNet(unet, num_classes)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Diffusion maths
-# ---------------------------------------------------------------------------------------------------------------
+# =================================================================================================================
+# Diffusion maths, and the two kinds of guidance
+# =================================================================================================================
 def extract(a, t, x):
     """a[t] (t an int or one index per sample), shaped to broadcast against x and in x's dtype."""
     return a[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
@@ -483,10 +473,8 @@ def q_sample(sched, x0, t, noise):
     return extract(sched.sqrt_alphas_cumprod, t, x0) * x0 + extract(sched.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
 
-def diffusion_loss(model, sched, x0, **model_kwargs):
-    """Algorithm 1: a random step per image, and the MSE between the true and the predicted noise."""
-    t = torch.randint(0, sched.T, (x0.shape[0],), device=x0.device)
-    noise = torch.randn_like(x0)
+def diffusion_loss(model, sched, x0, t, noise, **model_kwargs):
+    """Algorithm 1's loss: the MSE between the noise eps added at step t and the model's prediction of it."""
     return F.mse_loss(model(q_sample(sched, x0, t, noise), t, **model_kwargs).float(), noise)
 
 
@@ -505,7 +493,7 @@ def ddpm_step(sched, x_t, t, eps, noise, clip=True):
 
 
 def ddim_step(sched, x_t, t, t_prev, eps, eta, noise, clip=True):
-    """DDIM (Song et al. 2021, eq. 12) from step t to step t_prev < t (t_prev = -1 means the clean image)."""
+    """DDIM (Song et al. 2021, eq. 12) from step t to step t_prev < t (t_prev = -1 means the clean image), 0 <= eta <= 1."""
     a_t = sched.alphas_cumprod[t]
     a_prev = sched.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(a_t)
     x0 = predict_x0(sched, x_t, t, eps)
@@ -513,12 +501,16 @@ def ddim_step(sched, x_t, t, t_prev, eps, eta, noise, clip=True):
         x0 = x0.clamp(-1, 1)
         eps = (x_t - a_t.sqrt().to(x_t.dtype) * x0) / (1 - a_t).sqrt().to(x_t.dtype)  # the noise the clipped x0 implies
     sigma = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
+    # sigma^2 <= 1 - abar_{t'} for eta <= 1; the clamp only removes rounding below zero.
     direction = (1 - a_prev - sigma ** 2).clamp(min=0).sqrt()
     return (a_prev.sqrt().to(x_t.dtype) * x0 + direction.to(x_t.dtype) * eps + sigma.to(x_t.dtype) * noise)
 
 
 def sampling_timesteps(T, steps):
-    """steps evenly spaced steps from 0 to T-1 inclusive (all T when steps == T), in increasing order."""
+    """steps evenly spaced steps from 0 to T-1 inclusive, increasing (all T when steps == T). One step is [T-1]:
+    straight from pure noise to the clean image."""
+    if steps == 1:
+        return [T - 1]
     return torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long().tolist()
 
 
@@ -530,7 +522,11 @@ def sample(eps_fn, sched, x, timesteps, sampler="ddpm", eta=0.0, generator=None,
     x_0 estimate to [-1, 1] (images; not for data with another range).
     With record = R > 0 also returns R + 1 frames: x itself, then the state after each R-th of the trajectory
     (the last frame is the result)."""
-    frames, n_steps, next_frame = [x], len(timesteps), 1
+    n_steps = len(timesteps)
+    # Frame k = 1..R is the state after step ceil(k * n_steps / R): with 1000 steps and R = 56, after steps
+    # 18, 36, ..., 1000. With fewer steps than frames, a state fills several frames.
+    record_after = [math.ceil(k * n_steps / record) for k in range(1, record + 1)] if record else []
+    frames = [x]
     for i, t in enumerate(reversed(timesteps)):
         t_prev = timesteps[n_steps - 2 - i] if i < n_steps - 1 else -1
         eps = eps_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
@@ -540,15 +536,20 @@ def sample(eps_fn, sched, x, timesteps, sampler="ddpm", eta=0.0, generator=None,
             x = ddpm_step(sched, x, t, eps, noise, clip)
         else:
             x = ddim_step(sched, x, t, t_prev, eps, eta, noise, clip)
-        while record and next_frame <= record and -(-n_steps * next_frame // record) == i + 1:
-            frames.append(x)
-            next_frame += 1
+        frames += [x] * record_after.count(i + 1)
     return (x, frames) if record else x
 
 
-def make_guided_eps_fn(model, sched, y, guidance=1.0, classifier=None, classifier_scale=0.0):
+def drop_labels(labels, p):
+    """Each label becomes the null label 0 (no class; no object) with probability p, so that the same network also
+    learns the unconditional eps_theta(x_t, t, 0). Works for class indices (N) and multi-hot rows (N x K)."""
+    drop = torch.rand(len(labels), device=labels.device) < p
+    return torch.where(drop.reshape(-1, *[1] * (labels.dim() - 1)), torch.zeros_like(labels), labels)
+
+
+def make_guided_eps_fn(model, sched, y, guidance=1.0, classifier=None, classifier_scale=0.0, eval_size=64):
     """eps_fn(x, t) for sample(): the conditional model for the multi-hot rows y (one per image), with
-    classifier-free guidance (one batched pass over [y, null]) and optionally classifier guidance at x0_hat."""
+    classifier-free guidance (one batched pass over [y, null]) and optionally classifier guidance."""
     null = torch.zeros_like(y)
 
     def eps_fn(x, t):
@@ -559,39 +560,37 @@ def make_guided_eps_fn(model, sched, y, guidance=1.0, classifier=None, classifie
                 eps_cond, eps_null = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
                 eps = eps_null + guidance * (eps_cond - eps_null)
         if classifier is not None and classifier_scale > 0:
-            eps = classifier_guided_eps(classifier, sched, x, t, eps, y, classifier_scale)
+            eps = classifier_guided_eps(classifier, sched, x, t, eps, y, classifier_scale, eval_size)
         return eps
     return eps_fn
 
 
-def classifier_guided_eps(classifier, sched, x_t, t, eps, y, scale):
-    """Move x0_hat up the gradient of log p(y | x0_hat) under the classifier's sigmoids, and return the eps that
-    the moved x0_hat implies. eps itself is held fixed: no gradient flows through the diffusion model."""
+def classifier_guided_eps(classifier, sched, x_t, t, eps, y, scale, eval_size=64):
+    """Dhariwal & Nichol's eps^ = eps - S sqrt(1 - abar_t) grad_{x_t} log p(y | x0_hat(x_t)), log p the Bernoulli
+    log-likelihood of the multi-hot y under the classifier's logits (logsigmoid: no clamping, so an object scored
+    near 0 still gets its push). eps is held fixed: no gradient flows through the diffusion model."""
     with torch.inference_mode(False), torch.enable_grad():  # sample() runs in inference mode; this step needs autograd
-        x_t, eps = x_t.clone(), eps.clone()  # ordinary tensors: inference tensors cannot enter autograd
-        x0 = predict_x0(sched, x_t, t, eps).clamp(-1, 1).requires_grad_(True)
+        x_t = x_t.clone().requires_grad_(True)  # ordinary tensors: inference tensors cannot enter autograd
+        x0 = predict_x0(sched, x_t, t, eps.clone())
         device = next(classifier.parameters()).device
-        probs = classifier(x0.to(device)).float().clamp(1e-6, 1 - 1e-6)
+        logits = classifier_logits(classifier, to_output_size(x0, eval_size).to(device)).float()
         target = y.to(device).float()
-        log_p = (target * probs.log() + (1 - target) * (1 - probs).log()).sum()
-        grad, = torch.autograd.grad(log_p, x0)
-        x0 = x0.detach() + scale * grad.to(x0.device)
-        return ((x_t - extract(sched.sqrt_alphas_cumprod, t, x_t) * x0)
-                / extract(sched.sqrt_one_minus_alphas_cumprod, t, x_t))
+        log_p = (target * F.logsigmoid(logits) + (1 - target) * F.logsigmoid(-logits)).sum()
+        grad, = torch.autograd.grad(log_p, x_t)
+    return eps - scale * extract(sched.sqrt_one_minus_alphas_cumprod, t, eps) * grad.to(eps.device)
 
 
-def sample_for_conditions(model, sched, y, size, timesteps, sampler, eta, seed, guidance, classifier=None, classifier_scale=0.0,
-             batch_size=256, record=0):
-    """One image per row of y, in [-1, 1], from a generator seeded with seed. With record, also the frames of
-    the (single) batch, as sample() returns them."""
+def sample_for_conditions(model, sched, y, args, timesteps, seed, guide=None, record=0):
+    """One image per row of y, in [-1, 1] at --image-size, from a generator seeded with seed; with record, also the
+    frames of the (single) batch, as sample() returns them."""
     device = next(model.parameters()).device
     g = torch.Generator(device).manual_seed(seed)
     images, frames = [], None
-    for start in range(0, len(y), batch_size):
-        y_batch = y[start:start + batch_size].to(device)
-        x_T = torch.randn((len(y_batch), 3, size, size), generator=g, device=device)
-        eps_fn = make_guided_eps_fn(model, sched, y_batch, guidance, classifier, classifier_scale)
-        out = sample(eps_fn, sched, x_T, timesteps, sampler, eta, g, record=record)
+    for start in range(0, len(y), args.sample_batch_size):
+        y_batch = y[start:start + args.sample_batch_size].to(device)
+        x_T = torch.randn((len(y_batch), 3, args.image_size, args.image_size), generator=g, device=device)
+        eps_fn = make_guided_eps_fn(model, sched, y_batch, args.guidance, guide, args.classifier_guidance, args.output_size)
+        out = sample(eps_fn, sched, x_T, timesteps, args.sampler, args.eta, g, record=record)
         if record:
             out, frames = out
         images.append(out)
@@ -599,24 +598,511 @@ def sample_for_conditions(model, sched, y, size, timesteps, sampler, eta, seed, 
     return (images, frames) if record else images
 
 
-# ---------------------------------------------------------------------------------------------------------------
+def to_output_size(x, size):
+    """Images in [-1, 1] upsampled (bilinear) to size x size: what the evaluator and the hand-in take."""
+    return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+# =================================================================================================================
 # Training
-# ---------------------------------------------------------------------------------------------------------------
+# =================================================================================================================
+class EMA:
+    """theta_ema <- d_n theta_ema + (1 - d_n) theta after the n-th update, with the usual warm-up of the decay
+    d_n = min(decay, (1 + n) / (10 + n)): 0.18 at n = 1, 0.5 at n = 8, 0.9 at n = 80, the full 0.999 from
+    n = 8,991 on. Without it a short run (a CPU preset, a quick look) samples with an average that still holds its
+    first, random weights. Buffers that are not floats (counters) are copied."""
+
+    def __init__(self, model, decay):
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    def decay_now(self):
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update_parameters(self, model):
+        self.updates += 1
+        d = self.decay_now()
+        averaged, current = self.module.state_dict(), model.state_dict()
+        floats = [k for k, v in averaged.items() if v.is_floating_point()]
+        torch._foreach_lerp_([averaged[k] for k in floats], [current[k] for k in floats], 1 - d)
+        for k in averaged.keys() - set(floats):
+            averaged[k].copy_(current[k])
+
+
 def make_ema(model, decay):
     """An exponential moving average of the weights, which samples better than the raw weights."""
-    return torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
+    return EMA(model, decay)
 
 
+def learning_rate(args, step, total):
+    """Linear warm-up over --warmup steps, then constant or a cosine down to zero at the last step."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    if args.lr_decay == "constant":
+        return args.lr
+    progress = (step - args.warmup) / max(1, total - args.warmup)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(args, data, labels, model, ema, optimizer, sched, device, state, after_epoch=None):
+    """Algorithm 1 of Ho & Salimans: epochs of shuffled batches, each image with its label, a share of the labels
+    (--cfg-dropout) replaced by the null label. state holds what a checkpoint needs to resume exactly; after_epoch,
+    if given, is called with state at the end of each epoch, before its checkpoint.
+
+    Under torchrun every process draws the whole batch's randomness (the same on all of them), then computes the
+    loss on its own share of the batch; DistributedDataParallel averages the gradients, so the processes together
+    take the step one process would take on the whole batch."""
+    n, bs = len(data), args.batch_size
+    iters_per_epoch = math.ceil(n / bs)
+    total = total_steps(args, iters_per_epoch)
+    net = parallel_model(model, args, device, n)
+    model.train()
+    progress = Progress(state["step"], total)
+    with CtrlC() as ctrl_c:
+        while state["step"] < total:
+            if state["epoch_perm"] is None:
+                state["epoch_perm"] = torch.randperm(n)
+            first = state["batch_in_epoch"] * bs
+            idx = state["epoch_perm"][first:first + bs]
+            x0 = to_model_input(data[idx], device, args.flip)
+            y = drop_labels(labels[idx].to(device), args.label_dropout)
+            t = torch.randint(0, sched.T, (len(idx),), device=device)
+            noise = torch.randn_like(x0)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(args, state["step"], total)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = diffusion_loss(net, sched, my_share(x0), my_share(t), my_share(noise), y=my_share(y))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            ema.update_parameters(model)
+            state["losses"].append(mean_over_processes(loss))
+            state["step"] += 1
+            state["batch_in_epoch"] += 1
+            if state["batch_in_epoch"] == iters_per_epoch:
+                state["epoch"] += 1
+                state["batch_in_epoch"], state["epoch_perm"] = 0, None
+                if after_epoch is not None:  # first, so that the checkpoint holds what it records
+                    after_epoch(state)
+                save_run(args, model, ema, optimizer, state)
+            progress.show(state, f"loss {np.mean(state['losses'][-50:]):.4f}", bs, iters_per_epoch)
+            if ctrl_c.stop_requested():
+                save_run(args, model, ema, optimizer, state)
+                say(f"\ninterrupted: saved {args.out}/ckpt.pt at step {state['step']}; continue with --resume")
+                sys.exit(130)
+    if state["batch_in_epoch"]:  # --iters stopped in the middle of an epoch
+        save_run(args, model, ema, optimizer, state)
+
+
+# =================================================================================================================
+# main: check every input, train (or load), then generate, grade and write every output
+# =================================================================================================================
+def main(argv=None):
+    args = parse_args(argv)
+    start_distributed(args)
+    device = torch.device(args.device)
+    saved = load_run(args) if (args.resume or args.sample_only) else None
+
+    # Every input is checked before any work starts and before anything is written.
+    objects = load_objects(objects_file(args.data_dir, args.objects))
+    object_names = sorted(objects, key=objects.get)
+    if saved is not None and args.object_names != object_names:
+        fail(f"the objects file in {args.data_dir} does not match the checkpoint's objects (names or order differ)")
+    args.object_names = object_names
+    tests = {}
+    for path in args.test_files:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in tests:
+            fail(f"two test files are named {stem}.json; their outputs would overwrite each other")
+        tests[stem] = load_conditions(path, objects)
+    y_process = multi_hot(args.process_labels, objects, "--process-labels")[None]
+    if not args.sample_only:
+        paths, labels = load_train_index(os.path.join(args.data_dir, "train.json"), args.image_dir, objects, args.limit)
+    evaluators = {d: load_evaluator(d) for d in dict.fromkeys((args.evaluator_dir or []) + [args.guide_dir] if args.guide_dir else [])} if rank() == 0 else {}
+    if evaluators and args.output_size != 64:
+        say(f"note: the course's evaluator was trained on 64x64 images; these are {args.output_size}x{args.output_size}")
+    data = None if args.sample_only else load_iclevr_images(paths, args.image_size)
+    check_out_folder(args.out)
+
+    torch.manual_seed(args.seed)
+    if not (args.resume or args.sample_only) and rank() == 0:
+        remove_stale(os.path.join(args.out, "accuracy.csv"))  # a new run starts a new curve
+    sched = NoiseSchedule(make_betas(args.schedule, args.timesteps)).to(device)
+    model = build_model(args, len(objects)).to(device, memory_format=channels_last(device))
+    ema = make_ema(model, args.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "epoch_perm": None, "losses": []}
+    if saved is not None:
+        restore_run(saved, args, model, ema, optimizer, state)
+    # Seconds of training over every resume, grading excluded: accuracy.csv's clock, saved with the run.
+    state["train_seconds"] = float(saved.get("train_seconds", 0.0)) if saved is not None else 0.0
+    say(f"UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}, {len(objects)} objects")
+
+    eps_model = ema.module.eval()
+    graders = {d: e for d, e in evaluators.items() if d in (args.evaluator_dir or [])}
+    guide = evaluator_network(evaluators[args.guide_dir]) if args.classifier_guidance > 0 and rank() == 0 else None
+    steps = args.steps or args.timesteps
+    timesteps = sampling_timesteps(args.timesteps, steps if args.sampler == "ddim" else args.timesteps)
+    clock = {"start": time.time(), "before": state["train_seconds"], "grading": 0.0}
+
+    def training_seconds():
+        return clock["before"] + time.time() - clock["start"] - clock["grading"]
+
+    def grade_during_training(state):
+        """After every --eval-every epochs: DDIM images for each test file, graded by the first evaluator."""
+        state["train_seconds"] = training_seconds()  # every epoch: the checkpoint written next holds it
+        if not args.eval_every or state["epoch"] % args.eval_every or rank() != 0 or not graders:
+            return
+        grading_start = time.time()
+        eval_steps = args.eval_steps or min(50, args.timesteps)
+        eval_args = argparse.Namespace(**{**vars(args), "sampler": "ddim", "eta": 0.0})
+        row = [state["epoch"], state["step"], round(state["train_seconds"])]
+        for k, (stem, (_, y)) in enumerate(tests.items()):
+            x = sample_for_conditions(eps_model, sched, y, eval_args, sampling_timesteps(args.timesteps, eval_steps),
+                                      args.seed + 1000 * k, guide)
+            row.append(evaluate(next(iter(graders.values())), to_uint8(to_output_size(x, args.output_size)), y)[0])
+        csv_path = os.path.join(args.out, "accuracy.csv")
+        new = not os.path.isfile(csv_path)
+        with open(csv_path, "a", newline="") as fh:
+            csv.writer(fh).writerows(([["epoch", "step", "train_seconds", *tests]] if new else []) + [row])
+        say(f"epoch {state['epoch']}: accuracy " + ", ".join(f"{s} {a:.3f}" for s, a in zip(tests, row[3:]))
+            + f" (DDIM {eval_steps} steps, guidance {args.guidance})")
+        clock["grading"] += time.time() - grading_start
+
+    metrics = {"device": str(device), "hardware": device_name(device), "torch": torch.__version__, "processes": world_size(),
+               "checkpoint_epoch": state["epoch"]}
+    if not args.sample_only:
+        warn_if_slow_on_cpu(args, model, sched, data[:args.batch_size], device, math.ceil(len(data) / args.batch_size),
+                            y=labels[:args.batch_size].to(device))
+        train(args, data, labels, model, ema, optimizer, sched, device, state, after_epoch=grade_during_training)
+        metrics.update(train_seconds=round(training_seconds(), 1), steps=state["step"], epochs=state["epoch"],
+                       train_images=len(data))
+        write_loss(args, {"training loss": state["losses"]}, f"conditional DDPM training loss (iCLEVR, batch {args.batch_size})")
+    if rank() != 0:
+        return None  # 32 images per test file: rank 0 samples, writes and grades them alone
+
+    # The denoising process of one condition: a row of 8 frames, pure noise to the final image.
+    _, frames = sample_for_conditions(eps_model, sched, y_process, args, timesteps, args.seed, guide, record=56)
+    save_process([to_output_size(f, args.output_size) for f in frames], os.path.join(args.out, "process.png"),
+                 os.path.join(args.out, "process.gif"))
+
+    t1 = time.time()
+    metrics.update(sampler=args.sampler, sampling_steps=len(timesteps), eta=args.eta if args.sampler == "ddim" else None,
+                   guidance=args.guidance, classifier_guidance=args.classifier_guidance, guide_dir=args.guide_dir,
+                   image_size=args.image_size, output_size=args.output_size, process_labels=args.process_labels,
+                   evaluators=args.evaluator_dir, accuracy={}, results={})
+    if not graders:
+        hint = (f" ({args.data_dir} holds an evaluator.py: pass --evaluator-dir {args.data_dir})"
+                if os.path.isfile(os.path.join(args.data_dir, "evaluator.py")) else "")
+        metrics["accuracy_note"] = "skipped: no --evaluator-dir (the course's evaluator.py and checkpoint.pth)" + hint
+        say(f"accuracy {metrics['accuracy_note']}")
+    remove_stale(os.path.join(args.out, "metrics.json"))  # it described the images about to be replaced
+    for k, (stem, (conditions, y)) in enumerate(tests.items()):
+        draws = {d: [] for d in graders}
+        per_condition = None
+        for draw in range(args.num_samples):
+            x = to_uint8(to_output_size(sample_for_conditions(eps_model, sched, y, args, timesteps,
+                                                              args.seed + 1000 * k + draw, guide), args.output_size))
+            if draw == 0:  # the first set is the hand-in
+                make_grid(x, nrow=8).save(os.path.join(args.out, f"{stem}_grid.png"))
+                save_samples(x, os.path.join(args.out, stem), os.path.join(args.out, f"{stem}.zip"))
+            for d, grader in graders.items():
+                accuracy, hits = evaluate(grader, x, y)
+                draws[d].append(accuracy)
+                if per_condition is None:
+                    per_condition = [{"objects": c, "hits": h} for c, h in zip(conditions, hits)]
+            say(f"{stem}: sampled set {draw + 1}/{args.num_samples} ({len(x)} images, {args.sampler}, "
+                f"{len(timesteps)} steps, guidance {args.guidance}, classifier guidance {args.classifier_guidance})"
+                + "".join(f"  accuracy {v[-1]:.4f}" for v in draws.values()))
+        first = draws[args.evaluator_dir[0]] if graders else []
+        metrics["results"][stem] = {"conditions": len(conditions), "requested_objects": int(y.sum().item()),
+                                    "images": f"{stem}/00001.png ... (entry i of {stem}.json is image i + 1)",
+                                    "per_condition": per_condition, "accuracy_per_set": first or None,
+                                    "by_evaluator": {d: spread(v) for d, v in draws.items()}}
+        if first:
+            metrics["accuracy"][stem] = first[0]
+            metrics["results"][stem].update(spread(first))
+    for stem, value in metrics["accuracy"].items():
+        say(f"accuracy on {stem}.json: {value:.4f}  (the course's evaluator; full marks at 0.8)")
+    metrics.update(accuracy=metrics["accuracy"] or None, sample_seconds=round(time.time() - t1, 1),
+                   total_seconds=round(time.time() - clock["start"], 1), args=vars(args))
+    write_metrics(os.path.join(args.out, "metrics.json"), metrics)
+    say(f"wrote {args.out}: " + ", ".join(f"{s}_grid.png, {s}/" for s in tests)
+        + ", process.png, process.gif, metrics.json" + ("" if args.sample_only else ", loss.png, ckpt.pt"))
+    save_as(args)
+    return metrics
+
+
+# =================================================================================================================
+# =================================================================================================================
+# APPENDIX: plumbing. Everything above is the method; what follows checks inputs, saves and restores runs,
+# handles Ctrl-C and torchrun, reads and writes images, and loads the course's evaluator. Python looks these
+# names up when they are called, so they may live below main().
+# =================================================================================================================
+# =================================================================================================================
+
+# ---- argument checks --------------------------------------------------------------------------------------------
+class FlagParser(argparse.ArgumentParser):
+    """argparse's parser, but a bad flag is told in one sentence (and exit status 2) instead of the usage block."""
+
+    def error(self, message):
+        fail(f"{message} (see --help)")
+
+
+def parse_with_preset(parser, argv):
+    """Parse argv, with --preset's values as the defaults: an explicit flag still wins over the preset."""
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset:
+        parser.set_defaults(**PRESETS[preset])
+    return parser.parse_args(argv)
+
+
+def fail(message):
+    """One clear sentence and a non-zero exit: how every script reports bad input."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def at_least(flag, value, low):
+    return None if value is None or value >= low else f"{flag} must be at least {low}, got {value}"
+
+
+def between(flag, value, low, high, high_included=True):
+    inside = value is None or (low <= value <= high if high_included else low <= value < high)
+    return None if inside else f"{flag} must be in [{low}, {high}{']' if high_included else ')'}, got {value}"
+
+
+def must(condition, message):
+    return None if condition else message
+
+
+def device_problem(device):
+    """Why --device cannot be used here (None if it can)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        return f"--device {device!r} is not a device; use cpu, cuda or cuda:N"
+    if parsed.type not in ("cpu", "cuda"):
+        return f"--device {device} is not supported; use cpu, cuda or cuda:N"
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {device} was asked for but CUDA is not available here; use --device cpu"
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        return f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)"
+    return None
+
+
+def check_args(args):
+    """Every flag's value, before anything is read or written (run again with the checkpoint's values on resume)."""
+    folders = (args.evaluator_dir or []) + ([args.guide_dir] if args.guide_dir else [])
+    problems = [
+        at_least("--epochs", args.epochs, 0), at_least("--iters", args.iters, 1),
+        at_least("--batch-size", args.batch_size, 1), must(args.lr > 0, f"--lr must be positive, got {args.lr}"),
+        at_least("--warmup", args.warmup, 0), between("--ema-decay", args.ema_decay, 0, 1, high_included=False),
+        between("--dropout", args.dropout, 0, 1, high_included=False),
+        between("--label-dropout", args.label_dropout, 0, 1, high_included=False),
+        at_least("--timesteps", args.timesteps, 2), at_least("--ch", args.ch, 1), at_least("--ch-mult", min(args.ch_mult), 1),
+        at_least("--num-res-blocks", args.num_res_blocks, 1), at_least("--image-size", args.image_size, 8),
+        at_least("--output-size", args.output_size, 8), at_least("--limit", args.limit, 1),
+        at_least("--num-samples", args.num_samples, 1), at_least("--sample-batch-size", args.sample_batch_size, 1),
+        at_least("--grad-clip", args.grad_clip, 0), between("--steps", args.steps, 1, args.timesteps),
+        must(args.steps is None or args.sampler == "ddim",
+             "--steps applies to --sampler ddim; DDPM takes all T steps (use --sampler ddim --eta 1 for a shorter noisy chain)"),
+        between("--eta", args.eta, 0, 1), at_least("--guidance", args.guidance, 0),
+        must(args.guidance == 1 or args.label_dropout > 0 or args.sample_only,
+             f"--guidance {args.guidance:g} needs the unconditional model, which --label-dropout 0 does not train; "
+             f"use --guidance 1 or --label-dropout 0.1"),
+        at_least("--classifier-guidance", args.classifier_guidance, 0),
+        must(args.classifier_guidance == 0 or args.guide_dir, "--classifier-guidance needs an evaluator: pass --evaluator-dir"),
+        at_least("--eval-every", args.eval_every, 0),
+        must(args.eval_every == 0 or args.evaluator_dir, "--eval-every needs the course's evaluator: pass --evaluator-dir"),
+        between("--eval-steps", args.eval_steps, 1, args.timesteps),
+        must(not args.fid, "--fid: iCLEVR is graded by the evaluator's accuracy, not by FID (drop --fid)"),
+        device_problem(args.device), save_as_problem(args.save_as),
+        must(os.path.isdir(args.data_dir), f"--data-dir {args.data_dir} is not a folder"),
+        *[must(os.path.isdir(d), f"--evaluator-dir {d} is not a folder") for d in folders],
+        must(not (args.resume and args.sample_only), "--resume and --sample-only exclude each other"),
+        must(not (args.resume or args.sample_only) or os.path.isfile(args.ckpt),
+             f"checkpoint {args.ckpt} not found (train first, or pass --ckpt)"),
+    ]
+    for message in problems:
+        if message:
+            fail(message)
+
+
+def save_as_problem(pairs):
+    """Why a --save-as value cannot be used (None if every one can)."""
+    for pair in pairs or []:
+        output, _, target = pair.partition("=")
+        if not output or not target or os.sep in output:
+            return f"--save-as takes OUTPUT=FILE, an output of this run and a file name, e.g. grid.png=result.jpg; got {pair!r}"
+        if os.path.splitext(target)[1].lower() not in (".png", ".jpg", ".jpeg", os.path.splitext(output)[1].lower()):
+            return f"--save-as {pair}: the new name must end in .png, .jpg or .jpeg (or keep {output}'s extension)"
+    return None
+
+
+def check_out_folder(out):
+    """--out must be a folder we can write to: made if missing, tried with a probe file that is removed again."""
+    if rank() != 0:
+        return
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--out {out} is a file, not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write_probe"):
+            pass
+    except OSError as e:
+        fail(f"--out {out} is not a folder this run can write to ({e.strerror or e})")
+
+
+# ---- torchrun: several processes, one GPU each ------------------------------------------------------------------
+def start_distributed(args):
+    """Under torchrun (which sets RANK and WORLD_SIZE), join the process group and take this process's GPU.
+    A plain `python script.py` run is process 0 of 1 and nothing changes."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        return
+    on_gpu = args.device.startswith("cuda")
+    dist.init_process_group("nccl" if on_gpu else "gloo")
+    if on_gpu:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def my_share(x):
+    """This process's contiguous share of a batch (the whole batch in a plain run)."""
+    return x.tensor_split(world_size())[rank()] if world_size() > 1 else x
+
+
+def mean_over_processes(loss):
+    """The loss of the whole batch as a float: the mean of the processes' losses."""
+    if world_size() == 1:
+        return loss.item()
+    total = loss.detach().float().clone()
+    dist.all_reduce(total)
+    return total.item() / world_size()
+
+
+def any_process(flag):
+    """True on every process if flag is True on any of them (all stop at the same step)."""
+    if world_size() == 1:
+        return flag
+    value = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(value)
+    return value.item() > 0
+
+
+def gather_dicts(mine):
+    """Every process's {key: tensor} merged on rank 0 (the others get {}); a plain run returns mine."""
+    if world_size() == 1:
+        return mine
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, {k: v.cpu() for k, v in mine.items()})
+    return {k: v for part in parts for k, v in part.items()} if rank() == 0 else {}
+
+
+def parallel_model(model, args, device, n):
+    """The network the training step calls: DistributedDataParallel under torchrun, compiled with --compile.
+    n: the images per epoch (see check_shares)."""
+    net = model
+    if world_size() > 1:
+        check_shares(n, args.batch_size)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(net) if args.compile else net
+
+
+def check_shares(n, batch_size):
+    """Under torchrun every process needs a share of every batch, the last short one of an epoch included."""
+    if 0 < n % batch_size < world_size():
+        fail(f"under torchrun every process needs an image of each batch, but the last batch of an epoch holds "
+             f"{n % batch_size} of the {n} images; choose a --batch-size that leaves 0 or at least {world_size()} over")
+
+
+def say(message):
+    """Print on rank 0 only (every process would print the same line)."""
+    if rank() == 0:
+        print(message, flush=True)
+
+
+# ---- Ctrl-C -----------------------------------------------------------------------------------------------------
+class CtrlC:
+    """Ctrl-C asks the training loop to stop: the step in flight finishes, a checkpoint is written, the run exits.
+    A second Ctrl-C a second or more later stops at once (torchrun forwards the first to its workers, so one
+    press may arrive twice)."""
+
+    def __enter__(self):
+        self.asked_at = None
+        self.previous = signal.signal(signal.SIGINT, self.ask)
+        return self
+
+    def ask(self, signum, frame):
+        if self.asked_at is not None and time.time() - self.asked_at > 1:
+            raise KeyboardInterrupt
+        self.asked_at = self.asked_at or time.time()
+
+    def stop_requested(self):
+        return any_process(self.asked_at is not None)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+# ---- checkpoints and random state -------------------------------------------------------------------------------
 def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint, or a stray temp file."""
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def load_checkpoint(path):
-    return torch.load(path, map_location="cpu", weights_only=True)  # a checkpoint is data, never code
+def load_checkpoint(path, script=None):
+    """The saved run as plain tensors and numbers: weights_only=True, a checkpoint is data and never runs code.
+    A file that is not a checkpoint, or (with script) one written by another script, stops with one sentence."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # empty, truncated, text, code: torch raises several types
+        if asks_to_run_code(path, e):
+            fail(f"{path} holds Python objects, not only tensors and numbers; it is refused, because loading it "
+                 f"could run code")
+        fail(f"{path} is not a checkpoint (it is empty, truncated or another kind of file)")
+    if script is not None and (not isinstance(saved, dict) or saved.get("script") != script):
+        source = saved.get("script") if isinstance(saved, dict) else None
+        fail(f"{path} is not a {script}.py checkpoint (it was written by "
+             f"{source + '.py' if source else 'another script or an older version of this one'})")
+    return saved
+
+
+def asks_to_run_code(path, error):
+    """Whether torch refused the file because unpickling it would call Python functions (GLOBAL, REDUCE...),
+    rather than because it is not a checkpoint at all."""
+    if "Unsupported global" in str(error):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            ops = {op.name for op, _, _ in pickletools.genops(fh)}
+    except Exception:
+        return False
+    return bool(ops & {"GLOBAL", "STACK_GLOBAL", "REDUCE", "INST", "OBJ", "NEWOBJ"})
+
+
+def first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def rng_state():
@@ -629,13 +1115,74 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def explicit_flags(args):
+    """The flags whose value differs from the parser's default (given on the command line, or by --preset)."""
+    defaults = build_parser().parse_args([])
+    return {k for k, v in vars(args).items() if getattr(defaults, k, v) != v}
+
+
+def load_run(args):
+    """The checkpoint to resume or sample from, checked now: it loads, it is this script's, and the flags that
+    define the run are taken from it (with a note for each one given differently on the command line)."""
+    saved = load_checkpoint(args.ckpt, SCRIPT)
+    missing = [key for key in RUN_KEYS if key not in saved.get("args", {})]
+    if missing:
+        fail(f"{args.ckpt} has no --{missing[0].replace('_', '-')} among its settings: it comes from an older version "
+             f"of {SCRIPT}.py or is damaged")
+    given = explicit_flags(args)
+    for key in RUN_KEYS:
+        if key in given and getattr(args, key) != saved["args"][key] and args.resume:
+            say(f"note: --resume keeps the checkpoint's --{key.replace('_', '-')} {saved['args'][key]} "
+                f"(not {getattr(args, key)})")
+        setattr(args, key, saved["args"][key])
+    check_args(args)  # --steps and --fuse-t against the checkpoint's T
+    return saved
+
+
+def save_run(args, model, ema, optimizer, state):
+    if rank() == 0:
+        save_checkpoint(os.path.join(args.out, "ckpt.pt"), {
+            "script": SCRIPT, "model": model.state_dict(), "ema": ema.module.state_dict(), "ema_updates": ema.updates,
+            "optimizer": optimizer.state_dict(),
+            "args": vars(args), "rng": rng_state(), "losses": torch.tensor(state["losses"]),
+            **{k: v for k, v in state.items() if k != "losses"}})
+
+
+def restore_run(saved, args, model, ema, optimizer, state):
+    model.load_state_dict(saved["model"])
+    ema.module.load_state_dict(saved["ema"])
+    ema.updates = saved["ema_updates"]
+    optimizer.load_state_dict(saved["optimizer"])
+    state.update({k: saved[k] for k in state if k != "losses"})
+    state["losses"] = saved["losses"].tolist()
+    if args.resume:
+        set_rng_state(saved["rng"])
+        say(f"resuming {args.ckpt} at step {state['step']}" + (f" (epoch {state['epoch']})" if "epoch" in state else ""))
+
+
+def total_steps(args, iters_per_epoch):
+    return args.iters if args.iters else args.epochs * iters_per_epoch
+
+
+# ---- training helpers -------------------------------------------------------------------------------------------
 def to_model_input(batch_uint8, device, flip):
     """uint8 images -> floats in [-1, 1] on device, randomly mirrored if flip."""
     x = batch_uint8.to(device, non_blocking=True).float() / 127.5 - 1
     if flip:
         mirror = torch.rand(x.shape[0], device=device) < 0.5
         x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+    return x.contiguous(memory_format=channels_last(device))
+
+
+def channels_last(device):
+    """Convolutions run faster in channels_last on a GPU; on the CPU the usual layout is as fast."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def format_seconds(s):
@@ -643,66 +1190,59 @@ def format_seconds(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def train(args, data, labels, model, ema, optimizer, sched, device, state, extra=None, on_epoch_end=None):
-    """Algorithm 1 over epochs of shuffled batches, each image with its multi-hot labels, replaced by the null
-    condition with probability --label-dropout. state holds what a checkpoint needs to resume exactly;
-    extra is saved with it; on_epoch_end(state) runs after each epoch's checkpoint."""
-    n, bs = len(data), args.batch_size
-    iters_per_epoch = math.ceil(n / bs)
-    total = iters_per_epoch * args.epochs
-    train_model = torch.compile(model) if args.compile else model
-    labels = labels.to(device)
-    model.train()
-    t_start, t_print, step_start = time.time(), time.time(), state["step"]
+class Progress:
+    """One line every few seconds: (epoch,) step, the given losses, images per second and the time left."""
 
-    def checkpoint():
-        save_checkpoint(os.path.join(args.out, "ckpt.pt"), {
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "args": vars(args), "rng": rng_state(), "losses": torch.tensor(state["losses"]), **(extra or {}), **{
-                k: state[k] for k in ("step", "epoch", "batch_in_epoch", "epoch_perm")}})
+    def __init__(self, step, total):
+        self.start_step, self.total = step, total
+        self.start = self.last = time.time()
 
-    try:
-        while state["epoch"] < args.epochs:
-            if state["epoch_perm"] is None:
-                state["epoch_perm"] = torch.randperm(n)
-            while state["batch_in_epoch"] < iters_per_epoch:
-                idx = state["epoch_perm"][state["batch_in_epoch"] * bs:(state["batch_in_epoch"] + 1) * bs]
-                x0 = to_model_input(data[idx], device, args.flip)
-                y = labels[idx.to(device)]
-                drop = torch.rand(len(y), device=device) < args.label_dropout
-                y = torch.where(drop[:, None], torch.zeros_like(y), y)
-                for group in optimizer.param_groups:  # linear warm-up, then constant
-                    group["lr"] = args.lr * min(1.0, (state["step"] + 1) / max(1, args.warmup))
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    loss = diffusion_loss(train_model, sched, x0, y=y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                optimizer.step()
-                ema.update_parameters(model)
-                state["losses"].append(loss.item())
-                state["step"] += 1
-                state["batch_in_epoch"] += 1
-                if time.time() - t_print > 5 or state["step"] == total:
-                    t_print, elapsed = time.time(), time.time() - t_start
-                    rate = (state["step"] - step_start) / elapsed
-                    print(f"epoch {state['epoch'] + 1}/{args.epochs}  step {state['step']}/{total}  "
-                          f"loss {np.mean(state['losses'][-50:]):.4f}  {rate * bs:.0f} img/s  "
-                          f"left {format_seconds((total - state['step']) / max(rate, 1e-9))}", flush=True)
-            state["epoch"] += 1
-            state["batch_in_epoch"], state["epoch_perm"] = 0, None
-            checkpoint()
-            if on_epoch_end is not None:
-                on_epoch_end(state)
-    except KeyboardInterrupt:
-        checkpoint()
-        print(f"\ninterrupted: saved {args.out}/ckpt.pt at step {state['step']}; continue with --resume", flush=True)
-        sys.exit(130)
+    def show(self, state, losses, batch_size, iters_per_epoch=None):
+        if time.time() - self.last < 5 and state["step"] != self.total:
+            return
+        self.last = time.time()
+        rate = (state["step"] - self.start_step) / max(1e-9, self.last - self.start)
+        epoch = ""
+        if iters_per_epoch:
+            epoch = f"epoch {state['epoch'] + (state['batch_in_epoch'] > 0)}/{math.ceil(self.total / iters_per_epoch)}  "
+        say(f"{epoch}step {state['step']}/{self.total}  {losses}  {rate * batch_size:.0f} img/s  "
+            f"left {format_seconds((self.total - state['step']) / max(rate, 1e-9))}")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Grading: the course's evaluator, loaded from its folder and used exactly as the course uses it
-# ---------------------------------------------------------------------------------------------------------------
+def warn_if_slow_on_cpu(args, model, sched, batch, device, steps_per_epoch, **model_kwargs):
+    """On the CPU without --preset cpu, time one training step on a copy of the model and, if the run would take
+    more than an hour, say so at once with the estimate and the preset sized for a CPU. The random state is
+    restored, so the run itself is unchanged."""
+    if device.type != "cpu" or args.preset == "cpu" or "cpu" not in PRESETS:
+        return
+    saved_rng, probe = torch.get_rng_state(), copy.deepcopy(model)
+    x0 = to_model_input(batch, device, False)
+    t = torch.randint(0, sched.T, (len(x0),))
+    start = time.time()
+    diffusion_loss(probe, sched, x0, t, torch.randn_like(x0), **model_kwargs).backward()
+    seconds = time.time() - start
+    torch.set_rng_state(saved_rng)
+    steps = total_steps(args, steps_per_epoch)
+    train_s = seconds * steps
+    sample_s = seconds / len(x0) / 3 * args.num_samples * (args.steps or args.timesteps)  # a forward is ~1/3 of a step
+    if train_s + sample_s > 3600:
+        say(f"note: this is a GPU-sized run: on this CPU about {format_seconds(train_s)} of training ({steps} steps "
+            f"of {seconds:.1f} s) and {format_seconds(sample_s)} of sampling; --preset cpu is the configuration "
+            f"measured on a 2-core CPU (README)")
+
+
+# ---- reading images ---------------------------------------------------------------------------------------------
+def to_rgb8(img):
+    """Any PIL image as 8-bit RGB. PIL's own convert("RGB") clips 16- and 32-bit grey at 255, so a 16-bit PNG
+    would come out almost white: those are scaled to 8 bits first. Palette, RGBA, CMYK, LA, 1-bit: convert."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0  # 16-bit data, or 8-bit in a wide mode
+        img = Image.fromarray(np.clip(np.round(a / top * 255), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
+# ---- the course's evaluator -------------------------------------------------------------------------------------
 def load_evaluator(folder):
     """Import folder/evaluator.py and construct its evaluation_model() with folder as the working directory,
     since it loads './checkpoint.pth'. Neither file is changed. The course's class moves its network to the
@@ -711,7 +1251,7 @@ def load_evaluator(folder):
     for needed in (path, ckpt):
         if not os.path.isfile(needed):
             fail(f"--evaluator-dir {folder} has no {os.path.basename(needed)} (the course's evaluator.py and checkpoint.pth)")
-    spec = importlib.util.spec_from_file_location("course_evaluator", path)
+    spec = importlib.util.spec_from_file_location(f"course_evaluator_{abs(hash(os.path.abspath(folder)))}", path)
     module = importlib.util.module_from_spec(spec)
     cwd = os.getcwd()
     try:
@@ -731,15 +1271,32 @@ def load_evaluator(folder):
     return evaluator
 
 
-def evaluator_network(evaluator):
+def evaluator_network(evaluator, required=True):
     """The torch network inside evaluation_model (the course names it resnet18): its device, and the classifier
-    that --classifier-guidance differentiates."""
+    that --classifier-guidance differentiates. None (if not required) for an evaluator without one."""
     net = getattr(evaluator, "resnet18", None)
     if not isinstance(net, nn.Module):
         net = next((v for v in vars(evaluator).values() if isinstance(v, nn.Module)), None)
-    if net is None:
+    if net is None and required:
         fail("found no torch network inside evaluation_model (expected an attribute such as resnet18)")
     return net
+
+
+def classifier_logits(net, x):
+    """The evaluator's 24 logits. The course's network ends in nn.Sigmoid (fc = Linear, Sigmoid): its input is read
+    with a hook, exact however confident the network is. A network with no Sigmoid module gives probabilities p,
+    turned back into logits log p - log(1 - p) in float64 (p within 1e-12 of 0 or 1 is held there: float32 has
+    rounded such a p to exactly 0 or 1, and its logit would be infinite)."""
+    sigmoids = [m for m in net.modules() if isinstance(m, nn.Sigmoid)]
+    if not sigmoids:
+        return torch.logit(net(x).double(), eps=1e-12).float()
+    seen = []
+    handle = sigmoids[-1].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    try:
+        net(x)
+    finally:
+        handle.remove()
+    return seen[-1]
 
 
 def evaluate(evaluator, images, y):
@@ -747,7 +1304,8 @@ def evaluate(evaluator, images, y):
     load them, i.e. u / 127.5 - 1, on the evaluator's device, with the multi-hot labels; eval(images, labels)
     returns hits / requested objects. Also the hits per image (one image per call; the network is in eval mode,
     so the batch does not change an image's outputs)."""
-    device = next(evaluator_network(evaluator).parameters()).device
+    net = evaluator_network(evaluator, required=False)
+    device = next(net.parameters()).device if net is not None else torch.device("cpu")
     x = (images.float() / 255 - 0.5) / 0.5
     x, y = x.to(device), y.float().to(device)
     accuracy = float(evaluator.eval(x, y))
@@ -755,9 +1313,15 @@ def evaluate(evaluator, images, y):
     return accuracy, hits
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Outputs
-# ---------------------------------------------------------------------------------------------------------------
+def spread(values):
+    """Mean and standard deviation of the accuracies of several sets (32 images make a noisy number)."""
+    if not values:
+        return {}
+    return {"accuracy_mean": float(np.mean(values)), "accuracy_std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+            "sets": len(values)}
+
+
+# ---- writing outputs --------------------------------------------------------------------------------------------
 def to_uint8(x):
     """[-1, 1] floats -> uint8 RGB N x 3 x H x W, rounded as a PNG writer would; grey is replicated to 3 channels."""
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
@@ -773,24 +1337,40 @@ def make_grid(images, nrow, pad=2, scale=None):
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
 
 
+def remove_stale(path):
+    if os.path.exists(path):
+        os.remove(path)
+
+
 def save_samples(images, folder, zip_path):
-    """00001.png, 00002.png, ... and a zip holding exactly those files at its root (what graders unpack)."""
-    os.makedirs(folder, exist_ok=True)
-    names = [f"{i + 1:05d}.png" for i in range(len(images))]
-    for name, img in zip(names, images):
-        Image.fromarray(img.permute(1, 2, 0).numpy(), "RGB").save(os.path.join(folder, name))
-    with zipfile.ZipFile(zip_path + ".tmp", "w", zipfile.ZIP_STORED) as zf:
-        for name in names:
-            zf.write(os.path.join(folder, name), arcname=name)
-    os.replace(zip_path + ".tmp", zip_path)
+    """00001.png, 00002.png, ... and a zip holding exactly those files at its root (what graders unpack).
+    Both are written beside their final names and swapped in at the end, so the folder and the zip are always one
+    run's complete set (never old files mixed with new ones); an interrupted write leaves the old set."""
+    tmp_folder, tmp_zip = folder.rstrip("/\\") + ".tmp", zip_path + ".tmp"
+    try:
+        shutil.rmtree(tmp_folder, ignore_errors=True)
+        os.makedirs(tmp_folder)
+        names = [f"{i + 1:05d}.png" for i in range(len(images))]
+        for name, img in zip(names, images):
+            Image.fromarray(img.permute(1, 2, 0).numpy(), "RGB").save(os.path.join(tmp_folder, name))
+        with zipfile.ZipFile(tmp_zip, "w", zipfile.ZIP_STORED) as zf:
+            for name in names:
+                zf.write(os.path.join(tmp_folder, name), arcname=name)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp_folder, folder)
+        os.replace(tmp_zip, zip_path)
+    finally:
+        shutil.rmtree(tmp_folder, ignore_errors=True)
+        remove_stale(tmp_zip)
 
 
 def save_process(frames, png_path, gif_path, columns=8):
     """frames: list of N x C x H x W states from noise to image. PNG: one row per sample, `columns` evenly spaced
     frames (first pure noise, last the result). GIF: every frame, the samples side by side."""
-    every = (len(frames) - 1) // (columns - 1)
-    chosen = torch.stack([to_uint8(f) for f in frames[::every]], dim=1)  # N x columns x 3 x H x W
-    make_grid(chosen.flatten(0, 1), nrow=columns).save(png_path)
+    # With 57 frames and 8 columns: frames 0, 8, 16, ..., 56.
+    chosen = [round(k * (len(frames) - 1) / (columns - 1)) for k in range(columns)]
+    rows = torch.stack([to_uint8(frames[k]) for k in chosen], dim=1)  # N x columns x 3 x H x W
+    make_grid(rows.flatten(0, 1), nrow=columns).save(png_path)
     gif = [make_grid(to_uint8(f), nrow=len(f)) for f in frames] + [make_grid(to_uint8(frames[-1]), nrow=len(frames[-1]))] * 10
     gif[0].save(gif_path, save_all=True, append_images=gif[1:], duration=60, loop=0)
 
@@ -803,49 +1383,57 @@ def get_font(size):
 
 
 def plot_loss(curves, path, title):
-    """Line plot of {name: values per iteration} drawn with PIL: axes, ticks, labels, a smoothed line per curve.
-    The y axis is logarithmic when every value is positive (a diffusion loss falls over decades)."""
-    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
-    W, H, left, right, top, bottom = 900, 540, 90, 30, 50, 70
-    img = Image.new("RGB", (W, H), "white")
-    draw, font, small = ImageDraw.Draw(img), get_font(18), get_font(14)
-    values = np.concatenate([np.asarray(v, dtype=np.float64) for v in curves.values()])
-    log = bool((values > 0).all()) and np.log10(values.max() / values.min()) >= 1  # log axis only over decades
-    f = np.log10 if log else (lambda v: np.asarray(v, dtype=np.float64))
-    lo, hi = np.percentile(f(values), [0.5, 100]) if len(values) else (0, 1)
-    lo, hi = (lo - 0.5, hi + 0.5) if hi - lo < 1e-9 else (lo - 0.03 * (hi - lo), hi + 0.03 * (hi - lo))
-    n_max = max(len(v) for v in curves.values())
-    px = lambda i: left + (W - left - right) * i / max(1, n_max - 1)
-    py = lambda v: top + (H - top - bottom) * (1 - (min(max(v, lo), hi) - lo) / (hi - lo))
-    draw.rectangle([left, top, W - right, H - bottom], outline="black")
-    ticks = np.arange(math.floor(lo), math.ceil(hi) + 1, dtype=np.float64) if log and hi - lo >= 1 else np.linspace(lo, hi, 6)
-    for v in ticks:
-        if lo <= v <= hi:
-            label = f"{10 ** v:.3g}" if log else f"{v:.3g}"
-            draw.line([left - 5, py(v), left, py(v)], fill="black")
-            draw.text((left - 8, py(v)), label, fill="black", font=small, anchor="rm")
-    for i in np.linspace(0, n_max - 1, 6).round().astype(int) if n_max > 1 else [0]:
-        draw.line([px(i), H - bottom, px(i), H - bottom + 5], fill="black")
-        draw.text((px(i), H - bottom + 8), str(int(i) + 1), fill="black", font=small, anchor="ma")
+    """{name: values per iteration} as a PIL line plot: each curve faint, its moving average bold; the y axis on a log
+    scale when every value is positive and they span a decade (a diffusion loss does)."""
+    W, H, m = 900, 540, 80  # size and margin
+    img, font = Image.new("RGB", (W, H), "white"), get_font(15)
+    draw, every = ImageDraw.Draw(img), np.concatenate([np.asarray(v, dtype=np.float64) for v in curves.values()])
+    f = np.log10 if (every > 0).all() and every.max() >= 10 * every.min() else np.asarray
+    lo, hi = np.percentile(f(every), [0.5, 100]) + [-1e-6, 1e-6]  # the first few, largest values would squash the rest
+    n = max(len(v) for v in curves.values())
+    xy = lambda i, v: (m + (W - 2 * m) * i / max(1, n - 1), H - m - (H - 2 * m) * (np.clip(v, lo, hi) - lo) / (hi - lo))
+    draw.rectangle([m, m, W - m, H - m], outline="black")
+    for v in np.linspace(lo, hi, 6):
+        draw.text((m - 6, xy(0, v)[1]), f"{10 ** v if f is np.log10 else v:.3g}", fill="black", font=font, anchor="rm")
     for k, (name, v) in enumerate(curves.items()):
-        v = f(np.asarray(v, dtype=np.float64))
-        colour = colours[k % len(colours)]
-        faint = tuple(c + (255 - c) * 2 // 3 for c in colour)
-        window = max(1, len(v) // 100)
-        smooth = np.convolve(v, np.ones(window) / window, mode="valid") if len(v) >= window else v
-        step = max(1, len(v) // 2000)  # at most ~2000 points per line keeps the PNG quick to draw
-        if len(v) > 1:
-            draw.line([(px(i), py(v[i])) for i in range(0, len(v), step)], fill=faint, width=1)
-        if len(smooth) > 1:
-            draw.line([(px(i + window - 1), py(smooth[i])) for i in range(0, len(smooth), step)], fill=colour, width=2)
-        draw.text((W - right - 10, top + 10 + 22 * k), f"{name} (moving average of {window})", fill=colour,
-                  font=small, anchor="ra")
-    draw.text((W / 2, 15), title, fill="black", font=font, anchor="ma")
-    draw.text(((left + W - right) / 2, H - 25), "iteration", fill="black", font=font, anchor="ma")
-    label = Image.new("RGB", (H - top - bottom, 24), "white")
-    ImageDraw.Draw(label).text((label.width / 2, 2), "loss (log scale)" if log else "loss", fill="black", font=font, anchor="ma")
-    img.paste(label.rotate(90, expand=True), (8, top))
+        colour, v, window = [(31, 119, 180), (214, 39, 40), (44, 160, 44)][k % 3], f(np.asarray(v, float)), max(1, len(v) // 100)
+        draw.line([xy(i, v[i]) for i in range(len(v))], fill=tuple(c + (255 - c) * 2 // 3 for c in colour))
+        draw.line([xy(i + window - 1, a) for i, a in enumerate(np.convolve(v, np.ones(window) / window, "valid"))], fill=colour, width=2)
+        draw.text((W - m - 8, m + 8 + 22 * k), f"{name} (moving average of {window})", fill=colour, font=font, anchor="ra")
+    draw.text((W / 2, m / 2), title, fill="black", font=font, anchor="mm")
+    draw.text((W / 2, H - m / 2), f"iteration 1 ... {n}" + ("; loss on a log scale" if f is np.log10 else ""), fill="black",
+              font=font, anchor="mm")
     img.save(path)
+
+
+def write_loss(args, curves, title):
+    """loss.csv (one row per iteration, a column per curve) and loss.png, on rank 0."""
+    if rank() != 0:
+        return
+    with open(os.path.join(args.out, "loss.csv"), "w", newline="") as fh:
+        header = [name.replace("training ", "").replace(" ", "_") for name in curves]  # "training loss" -> "loss"
+        csv.writer(fh).writerows([("iteration", *header)]
+                                 + [(i + 1, *row) for i, row in enumerate(zip(*curves.values()))])
+    if len(next(iter(curves.values()))):
+        plot_loss(curves, os.path.join(args.out, "loss.png"), title)
+
+
+def save_as(args):
+    """--save-as OUTPUT=FILE ...: copies of outputs under the names a course asks for, converted by the new name's
+    extension (grid.png=result_mnist.jpg writes a JPEG)."""
+    for pair in args.save_as or []:
+        output, target = pair.split("=", 1)
+        source = os.path.join(args.out, output)
+        if not os.path.isfile(source):
+            say(f"note: --save-as {pair}: this run wrote no {output}")
+            continue
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        if os.path.splitext(target)[1].lower() == os.path.splitext(output)[1].lower():
+            shutil.copyfile(source, target)
+        else:
+            with Image.open(source) as img:
+                img.convert("RGB").save(target, quality=95)
+        say(f"wrote {target} (from {source})")
 
 
 def write_metrics(path, metrics):
@@ -854,148 +1442,5 @@ def write_metrics(path, metrics):
     os.replace(path + ".tmp", path)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# main: check every input, train (or load), then generate, grade and write every output
-# ---------------------------------------------------------------------------------------------------------------
-def main(argv=None):
-    args = parse_args(argv)
-    device = torch.device(args.device)
-    saved = None
-    if args.resume or args.sample_only:
-        saved = load_checkpoint(args.ckpt)
-        for key in RUN_KEYS:  # the model and run are the checkpoint's; only --epochs and outputs can change
-            setattr(args, key, saved["args"][key])
-        if args.steps is not None and args.steps > args.timesteps:
-            fail(f"--steps {args.steps} is more than the checkpoint's {args.timesteps} diffusion steps")
-        if args.eval_steps is not None and args.eval_steps > args.timesteps:
-            fail(f"--eval-steps {args.eval_steps} is more than the checkpoint's {args.timesteps} diffusion steps")
-
-    # Every input is checked before any work starts and before anything is written.
-    objects = load_objects(os.path.join(args.data_dir, "objects.json"))
-    object_names = sorted(objects, key=objects.get)
-    if saved is not None and saved["objects"] != object_names:
-        fail(f"objects.json in {args.data_dir} does not match the checkpoint's objects (names or order differ)")
-    tests = {}
-    for path in args.test_files:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        if stem in tests:
-            fail(f"two test files are named {stem}.json; their outputs would overwrite each other")
-        tests[stem] = load_conditions(path, objects)
-    y_process = multi_hot(args.process_labels, objects, "--process-labels")[None]
-    if not args.sample_only:
-        paths, labels = load_train_index(os.path.join(args.data_dir, "train.json"), args.image_dir, objects, args.limit)
-    evaluator = load_evaluator(args.evaluator_dir) if args.evaluator_dir else None
-    if evaluator is not None and args.image_size != 64:
-        print(f"note: the course's evaluator was trained on 64x64 images; these are {args.image_size}x{args.image_size}")
-    data = None if args.sample_only else load_iclevr_images(paths, args.image_size)
-
-    torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    if not (args.resume or args.sample_only) and os.path.isfile(os.path.join(args.out, "accuracy.csv")):
-        os.remove(os.path.join(args.out, "accuracy.csv"))  # a new run starts a new curve
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    size = args.image_size
-    sched = NoiseSchedule(make_betas(args.schedule, args.timesteps)).to(device)
-    model = build_model(args, len(objects)).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    ema = make_ema(model, args.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "epoch_perm": None, "losses": []}
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        ema.load_state_dict(saved["ema"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state.update({k: saved[k] for k in ("step", "epoch", "batch_in_epoch", "epoch_perm")})
-        state["losses"] = saved["losses"].tolist()
-        if args.resume:
-            set_rng_state(saved["rng"])
-            print(f"resuming {args.ckpt} at epoch {state['epoch']}, step {state['step']}", flush=True)
-    print(f"UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}, "
-          f"{len(objects)} objects", flush=True)
-
-    eps_model = ema.module.eval()
-    classifier = evaluator_network(evaluator) if evaluator is not None and args.classifier_guidance > 0 else None
-    steps = args.steps or args.timesteps
-    timesteps = sampling_timesteps(args.timesteps, steps if args.sampler == "ddim" else args.timesteps)
-
-    def grade_during_training(state):
-        if not args.eval_every or state["epoch"] % args.eval_every:
-            return
-        eval_steps = args.eval_steps or min(50, args.timesteps)
-        eval_timesteps, row = sampling_timesteps(args.timesteps, eval_steps), [state["epoch"], state["step"]]
-        for k, (stem, (_, y)) in enumerate(tests.items()):
-            x = sample_for_conditions(eps_model, sched, y, size, eval_timesteps, "ddim", 0.0, args.seed + 1000 * k,
-                                      args.guidance, classifier, args.classifier_guidance, args.sample_batch_size)
-            row.append(evaluate(evaluator, to_uint8(x), y)[0])
-        csv_path = os.path.join(args.out, "accuracy.csv")
-        new = not os.path.isfile(csv_path)
-        with open(csv_path, "a", newline="") as fh:
-            csv.writer(fh).writerows(([["epoch", "step", *tests]] if new else []) + [row])
-        print(f"epoch {state['epoch']}: accuracy " + ", ".join(f"{s} {a:.3f}" for s, a in zip(tests, row[2:]))
-              + f" (DDIM {eval_steps} steps, guidance {args.guidance})", flush=True)
-
-    metrics = {"device": str(device), "torch": torch.__version__, "checkpoint_epoch": state["epoch"]}
-    t0 = time.time()
-    if not args.sample_only:
-        train(args, data, labels, model, ema, optimizer, sched, device, state, extra={"objects": object_names},
-              on_epoch_end=grade_during_training if evaluator is not None else None)
-        metrics.update(train_seconds=round(time.time() - t0, 1), steps=state["step"], epochs=state["epoch"],
-                       train_images=len(data))
-        with open(os.path.join(args.out, "loss.csv"), "w", newline="") as fh:
-            csv.writer(fh).writerows([("iteration", "loss")] + list(enumerate(state["losses"], 1)))
-        if state["losses"]:
-            plot_loss({"training loss": state["losses"]}, os.path.join(args.out, "loss.png"),
-                      f"conditional DDPM training loss (iCLEVR, batch {args.batch_size})")
-
-    # The denoising process of one condition: a row of 8 frames, pure noise to the final image.
-    _, frames = sample_for_conditions(eps_model, sched, y_process, size, timesteps, args.sampler, args.eta, args.seed,
-                                      args.guidance, classifier, args.classifier_guidance, 1, record=56)  # 7 * 8 frames
-    save_process(frames, os.path.join(args.out, "process.png"), os.path.join(args.out, "process.gif"))
-
-    t1 = time.time()
-    metrics.update(sampler=args.sampler, sampling_steps=len(timesteps), eta=args.eta if args.sampler == "ddim" else None,
-                   guidance=args.guidance, classifier_guidance=args.classifier_guidance,
-                   process_labels=args.process_labels, evaluator=args.evaluator_dir, accuracy={}, results={})
-    if evaluator is None:
-        hint = (f" ({args.data_dir} holds an evaluator.py: pass --evaluator-dir {args.data_dir})"
-                if os.path.isfile(os.path.join(args.data_dir, "evaluator.py")) else "")
-        metrics["accuracy_note"] = "skipped: no --evaluator-dir (the course's evaluator.py and checkpoint.pth)" + hint
-        print(f"accuracy {metrics['accuracy_note']}", flush=True)
-    for k, (stem, (conditions, y)) in enumerate(tests.items()):
-        draws, per_condition = [], None
-        for draw in range(args.num_samples):
-            x = to_uint8(sample_for_conditions(eps_model, sched, y, size, timesteps, args.sampler, args.eta,
-                                               args.seed + 1000 * k + draw, args.guidance, classifier,
-                                               args.classifier_guidance, args.sample_batch_size))
-            if draw == 0:  # the first set is the hand-in
-                make_grid(x, nrow=8).save(os.path.join(args.out, f"{stem}_grid.png"))
-                save_samples(x, os.path.join(args.out, stem), os.path.join(args.out, f"{stem}.zip"))
-            if evaluator is not None:
-                accuracy, hits = evaluate(evaluator, x, y)
-                draws.append(accuracy)
-                per_condition = per_condition or [{"objects": c, "hits": h} for c, h in zip(conditions, hits)]
-            print(f"{stem}: sampled set {draw + 1}/{args.num_samples} ({len(x)} images, {args.sampler}, "
-                  f"{len(timesteps)} steps, guidance {args.guidance})"
-                  + (f"  accuracy {draws[-1]:.4f}" if draws else ""), flush=True)
-        metrics["results"][stem] = {"conditions": len(conditions), "requested_objects": int(y.sum().item()),
-                                    "images": f"{stem}/00001.png ... (entry i of {stem}.json is image i + 1)",
-                                    "per_condition": per_condition, "accuracy_per_set": draws or None}
-        if draws:
-            metrics["accuracy"][stem] = draws[0]
-            if len(draws) > 1:
-                metrics["results"][stem].update(accuracy_mean=float(np.mean(draws)), accuracy_std=float(np.std(draws)))
-    for stem, value in metrics["accuracy"].items():
-        print(f"accuracy on {stem}.json: {value:.4f}  (the course's evaluator; full marks at 0.8)", flush=True)
-    metrics.update(accuracy=metrics["accuracy"] or None, sample_seconds=round(time.time() - t1, 1),
-                   total_seconds=round(time.time() - t0, 1), args=vars(args))
-    write_metrics(os.path.join(args.out, "metrics.json"), metrics)
-    print(f"wrote {args.out}: " + ", ".join(f"{s}_grid.png, {s}/" for s in tests)
-          + ", process.png, process.gif, metrics.json" + ("" if args.sample_only else ", loss.png, ckpt.pt"), flush=True)
-    return metrics
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # last, so that main() finds every function of the appendix
     main()

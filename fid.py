@@ -64,6 +64,8 @@ from PIL import Image
 DELIBERATELY_DIFFERENT = {
     "to_uint8": "takes any value range and checks it, since a wrong range silently gives a wrong FID",
     "list_images": "raises FIDError for callers to catch instead of exiting the program",
+    "Progress": "counts images through the network, on stderr, for a library's callers",
+    "FlagParser": "its command line exits with status 1 and the message, as every other error of fid.py does",
 }
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -75,8 +77,15 @@ PROGRESS_EVERY_S = 5.0
 BATCH_SIZE = {"cuda": 250, "cpu": 50}  # 50 as in pytorch-fid; any size gives the same FID
 
 
+class FlagParser(argparse.ArgumentParser):
+    """argparse's parser, but a bad flag is told in one line instead of the usage block."""
+
+    def error(self, message):
+        sys.exit(f"error: {message} (see --help)")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         description="Fréchet Inception Distance between two image folders or .npz statistics files "
                     "(the pytorch-fid protocol).")
     p.add_argument("paths", nargs="*", metavar="A B",
@@ -331,8 +340,9 @@ def load_inception(weights=None, device=None):
     else:
         source = FID_WEIGHTS_URL
         try:
-            state = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu",
-                                                       progress=True, weights_only=True)
+            with contextlib.redirect_stderr(sys.stdout):  # torch.hub's "Downloading ..." is news, not an error
+                state = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu",
+                                                           progress=True, weights_only=True)
         except Exception as e:
             raise FIDError(f"no Inception weights: could not download {FID_WEIGHTS_URL} "
                            f"({_first_line(e)}), so pass --inception PATH or set {WEIGHTS_ENV} "
@@ -432,15 +442,28 @@ def list_images(folder):
     return files
 
 
+def to_rgb8(img):
+    """Any PIL image as 8-bit RGB. PIL's own convert("RGB") clips 16- and 32-bit grey at 255, so a 16-bit PNG
+    would come out almost white: those are scaled to 8 bits first. Palette, RGBA, CMYK, LA, 1-bit: convert."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0  # 16-bit data, or 8-bit in a wide mode
+        img = Image.fromarray(np.clip(np.round(a / top * 255), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
 class ImageFiles(torch.utils.data.Dataset):
-    """Decodes one file to a 3×H×W uint8 tensor, exactly as PIL + ToTensor (before its /255) do.
+    """Decodes one file to a 3×H×W uint8 tensor, as PIL's convert("RGB") + ToTensor (before its /255)
+    do for 8-bit images (16-bit ones are scaled to 8 bits first, see `to_rgb8`; pytorch-fid would clip
+    them to almost white). With check_only, decodes the file and returns no pixels: the check of every
+    file before the first batch goes through the network.
 
     A file that fails to decode is returned as an error message rather than raised, because an
     exception inside a DataLoader worker reaches the main process wrapped in a long traceback.
     """
 
-    def __init__(self, files):
-        self.files = files
+    def __init__(self, files, check_only=False):
+        self.files, self.check_only = files, check_only
 
     def __len__(self):
         return len(self.files)
@@ -448,10 +471,21 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             with Image.open(self.files[i]) as image:
-                pixels = np.array(image.convert("RGB"))
+                pixels = np.array(to_rgb8(image))
         except Exception as e:
             return None, f"cannot read image {self.files[i]} ({_first_line(e)})."
-        return torch.from_numpy(pixels).permute(2, 0, 1), None
+        return (None if self.check_only else torch.from_numpy(pixels).permute(2, 0, 1)), None
+
+
+def check_image_files(files, num_workers=0):
+    """Decode every file once, before any of them goes through Inception: a broken file late in a
+    folder of 10,000 is reported now, not after half an hour of features."""
+    loader = torch.utils.data.DataLoader(ImageFiles(files, check_only=True), batch_size=64,
+                                         num_workers=num_workers, collate_fn=_keep_list)
+    for items in loader:
+        for _, error in items:
+            if error:
+                raise FIDError(error)
 
 
 def _keep_list(items):
@@ -471,6 +505,7 @@ def uint8_batches(source, batch_size, num_workers=0, value_range=(0, 1), limit=N
     """(iterator of uint8 N×C×H×W batches, number of images or None) for any kind of source."""
     if isinstance(source, (str, os.PathLike)):
         files = list_images(source)[:limit]
+        check_image_files(files, num_workers)
         loader = torch.utils.data.DataLoader(ImageFiles(files), batch_size=batch_size,
                                              num_workers=num_workers, collate_fn=_keep_list,
                                              pin_memory=pin)
@@ -586,27 +621,47 @@ def save_statistics(path, mu, sigma):
     os.replace(partial, path)  # an interrupted run never leaves half a file under the real name
 
 
-def load_statistics(path):
-    """(μ, Σ) as float64 from an .npz holding `mu` and `sigma`."""
+def load_statistics(path, dim=None):
+    """(μ, Σ) as float64 from an .npz holding `mu` and `sigma`, checked to be a mean and a covariance
+    (finite, Σ symmetric and positive semi-definite; of dimension `dim` if given)."""
     path = Path(path)
     if not path.is_file():
         raise FIDError(f"the statistics file {path} does not exist.")
     try:
         data = np.load(path)
-    except Exception as e:
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a plain array: an .npy file, not an archive
+            raise FIDError(f"{path} is not an .npz archive with mu and sigma.")
+        with data:
+            missing = [key for key in ("mu", "sigma") if key not in data.files]
+            if missing:
+                raise FIDError(f"{path} has no {' and no '.join(missing)} array; a statistics file "
+                               f"holds both mu and sigma.")
+            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+    except FIDError:
+        raise
+    except Exception as e:  # not a zip, object arrays (allow_pickle is off), strings that are not numbers
         raise FIDError(f"cannot read the statistics file {path} ({_first_line(e)}).") from None
-    if not hasattr(data, "files"):
-        raise FIDError(f"{path} is not an .npz archive with mu and sigma.")
-    with data:
-        missing = [key for key in ("mu", "sigma") if key not in data.files]
-        if missing:
-            raise FIDError(f"{path} has no {' and no '.join(missing)} array; a statistics file "
-                           f"holds both mu and sigma.")
-        mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise FIDError(f"{path} holds mu of shape {mu.shape} and sigma of shape {sigma.shape}; "
                        f"expected (d,) and (d, d).")
+    if dim is not None and len(mu) != dim:
+        raise FIDError(f"{path} holds {len(mu)}-dimensional statistics, but Inception features have "
+                       f"{dim} dimensions.")
+    check_covariance(mu, sigma, path)
     return mu, sigma
+
+
+def check_covariance(mu, sigma, path):
+    """Refuse statistics that cannot be a mean and a covariance: they would give a negative or NaN FID."""
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise FIDError(f"{path} holds values that are not finite numbers (inf or nan).")
+    scale = max(float(np.abs(sigma).max()), 1e-300)
+    if not np.allclose(sigma, sigma.T, rtol=1e-6, atol=1e-9 * scale):
+        raise FIDError(f"{path}: sigma is not symmetric, so it is not a covariance matrix.")
+    smallest = float(np.linalg.eigvalsh(sigma)[0])
+    if smallest < -1e-6 * scale:
+        raise FIDError(f"{path}: sigma has a negative eigenvalue ({smallest:.3g}), so it is not a "
+                       f"covariance matrix.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -653,6 +708,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if mu1.shape != mu2.shape or sigma1.shape != (d, d) or sigma2.shape != (d, d):
         raise FIDError(f"the two statistics have different dimensions (mu {mu1.shape} vs "
                        f"{mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}).")
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        raise FIDError("the statistics hold values that are not finite numbers (inf or nan).")
     diff = mu1 - mu2
 
     covmean = _sqrtm(sigma1 @ sigma2)
@@ -674,7 +731,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
                       "biased; Tr((Σ₁Σ₂)^½) was computed from eigenvalues instead of sqrtm.",
                       FIDWarning)
         tr_covmean = trace_sqrt_product(sigma1, sigma2)
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    # From two covariances the distance is >= 0; rounding can take an FID of ~0 a hair below it.
+    if not np.isfinite(value) or value < -1e-6 * max(1.0, np.trace(sigma1) + np.trace(sigma2)):
+        raise FIDError(f"the Fréchet distance came out as {value}: the statistics are not valid means "
+                       f"and covariances.")
+    return max(value, 0.0)
 
 
 def fid_from_paths(a, b, model=None, batch_size=None, device=None, num_workers=None,
@@ -720,6 +782,20 @@ def _open_input(path, limit):
     return "images", list_images(path)[:limit], path
 
 
+def check_writable(path):
+    """The statistics file can be written there: tried now, before the features take minutes or hours."""
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / (path.name + ".probe"), "wb"):
+            pass
+        os.remove(folder / (path.name + ".probe"))
+    except OSError as e:
+        raise FIDError(f"cannot write {path} ({e.strerror or e}).") from None
+    if path.is_dir():
+        raise FIDError(f"{path} is a folder, not a file name.")
+
+
 def mnist_train_digits(data_dir):
     """The 60,000 MNIST training digits as a uint8 N×3×28×28 tensor (gray replicated to RGB)."""
     try:
@@ -753,6 +829,7 @@ def run(args):
         out = Path(args.mnist_stats or args.save_stats[1])
         if out.suffix.lower() != ".npz":
             raise FIDError(f"the output file {out} must end in .npz.")
+        check_writable(out)
         if args.mnist_stats:
             source = mnist_train_digits(args.data_dir)[:args.limit]
             what = f"{len(source)} MNIST training digits from {args.data_dir}"

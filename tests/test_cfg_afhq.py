@@ -40,7 +40,7 @@ def tiny_model(num_classes=3, seed=0):
     """A tiny class-conditional UNet with every weight random (the zero-initialised output layer would make every
     prediction 0 and every comparison below trivially true)."""
     torch.manual_seed(seed)
-    unet = cfg.UNet(3, 8, [1, 2], 1, 0, 0.0, 8)
+    unet = cfg.UNet(3, 8, [1, 2], 1, [], 0.0)
     model = cfg.ClassConditionalUNet(unet, num_classes)
     with torch.no_grad():
         for p in model.parameters():

@@ -122,26 +122,44 @@ def test_classifier_free_guidance_combines_the_two_passes():
     assert Toy.calls == [4, 2]  # s = 1 needs no null pass
 
 
-def test_classifier_guidance_moves_x0_hat_along_the_log_likelihood_gradient(tmp_path):
-    evaluator = ci.load_evaluator(str(write_stand_in_evaluator(tmp_path / "evaluator", gain=4.0)))
-    net = ci.evaluator_network(evaluator)
+def test_classifier_guidance_is_dhariwal_and_nichols_shift_on_a_linear_classifier(tmp_path):
+    """eps^ = eps - S sqrt(1 - abar_t) grad_{x_t} log p(y | x0_hat(x_t)). For logits l = W x0_hat + b, the Bernoulli
+    log-likelihood has gradient W^T (y - sigmoid(l)) in x0_hat, and x0_hat = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
+    with eps held fixed, so grad_{x_t} = W^T (y - sigmoid(l)) / sqrt(abar_t): the shift in closed form."""
+    torch.manual_seed(0)
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 24), torch.nn.Sigmoid())
     sched = ci.NoiseSchedule(ci.make_betas("linear", 50))
     g = torch.Generator().manual_seed(0)
-    x_t, eps = torch.randn(2, 3, 16, 32, generator=g) * 0.3, torch.randn(2, 3, 16, 32, generator=g) * 0.3
-    t = torch.tensor([10, 10])
+    x_t, eps = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
     y = torch.zeros(2, 24)
     y[0, [2, 9]], y[1, 20] = 1, 1
-    scale = 0.05
-    guided = ci.classifier_guided_eps(net, sched, x_t, t, eps, y, scale)
-    x0 = ci.predict_x0(sched, x_t, t, eps).clamp(-1, 1)
-    moved = ci.predict_x0(sched, x_t, t, guided) - x0
-    # d/dx of sum_j y_j log s_j + (1 - y_j) log(1 - s_j), s_j = sigmoid(4 x[0, 0, j]): 4 (y_j - s_j) at pixel (0, j)
-    expected = torch.zeros_like(x0)
-    expected[:, 0, 0, :24] = scale * 4 * (y - torch.sigmoid(4 * x0[:, 0, 0, :24]))
-    assert torch.allclose(moved, expected, atol=1e-5)
+    W, b = linear[1].weight.detach(), linear[1].bias.detach()
+    for t_value, scale in ((45, 0.05), (10, 0.5), (0, 3.0)):  # high noise, middle, the last step
+        t = torch.full((2,), t_value)
+        guided = ci.classifier_guided_eps(linear, sched, x_t, t, eps, y, scale, eval_size=8)
+        abar = sched.alphas_cumprod[t_value].float()
+        x0 = (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+        logits = x0.flatten(1) @ W.T + b
+        grad_xt = ((y - torch.sigmoid(logits)) @ W).reshape(x_t.shape) / abar.sqrt()
+        expected = eps - scale * (1 - abar).sqrt() * grad_xt
+        torch.testing.assert_close(guided, expected, rtol=1e-4, atol=1e-5)
+        assert (guided - eps).abs().max() > 1e-4  # the push is there: the check above is not vacuous
+    # logsigmoid, not a clamped log: an object scored ~0 (logit -40) still gets its full push W^T (1 - 0)
+    far = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 24), torch.nn.Sigmoid())
+    with torch.no_grad():
+        far[1].weight.zero_(), far[1].bias.fill_(-40.0), far[1].weight[2, 0].fill_(1.0)
+    t = torch.full((2,), 10)
+    shift = ci.classifier_guided_eps(far, sched, x_t, t, eps, y, 1.0, eval_size=8) - eps
+    abar = sched.alphas_cumprod[10].float()
+    assert shift[0, 0, 0, 0].item() == pytest.approx(-(1 - abar).sqrt().item() / abar.sqrt().item(), rel=1e-4)
+    # the evaluator's logits are read through its Sigmoid: with the real interface, the same numbers
+    evaluator = ci.load_evaluator(str(write_stand_in_evaluator(tmp_path / "evaluator", gain=4.0)))
+    net = ci.evaluator_network(evaluator)
+    x = torch.rand(2, 3, 16, 32) * 2 - 1
+    torch.testing.assert_close(ci.classifier_logits(net, x), 4 * x.flatten(1)[:, :24], rtol=1e-4, atol=1e-4)
     # inside sample(), which runs in inference mode, the step still gets its gradient
     eps_fn = ci.make_guided_eps_fn(lambda x, t, y: torch.zeros_like(x), sched, y, 1.0, net, 10.0)
-    out = ci.sample(eps_fn, sched, torch.randn(2, 3, 16, 32, generator=g), list(range(50)), "ddpm", generator=g)
+    out = ci.sample(eps_fn, sched, torch.randn(2, 3, 64, 64, generator=g), list(range(50)), "ddpm", generator=g)
     assert torch.isfinite(out).all()
 
 
@@ -195,14 +213,17 @@ def test_resume_continues_exactly_grading_during_training_and_no_evaluator_is_a_
     folder = write_stand_in_evaluator(tmp_path / "evaluator")
     ci.main([*common, "--out", str(tmp_path / "a"), "--epochs", "2", "--evaluator-dir", str(folder), "--eval-every", "1"])
     ci.main([*common, "--out", str(tmp_path / "b"), "--epochs", "1"])
+    first_epoch_seconds = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["train_seconds"]
     resumed = ci.main([*common, "--out", str(tmp_path / "b"), "--epochs", "2", "--resume"])
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
     assert a["step"] == b["step"] == 6
+    # the training clock (accuracy.csv's seconds) carries on over --resume instead of starting again at 0
+    assert 0 < first_epoch_seconds < b["train_seconds"] <= resumed["train_seconds"] + 1e-6
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
     rows = list(csv.reader(open(tmp_path / "a" / "accuracy.csv")))
-    assert rows[0] == ["epoch", "step", "test"] and [r[:2] for r in rows[1:]] == [["1", "3"], ["2", "6"]]
-    assert all(0 <= float(r[2]) <= 1 for r in rows[1:])
+    assert rows[0] == ["epoch", "step", "train_seconds", "test"] and [r[:2] for r in rows[1:]] == [["1", "3"], ["2", "6"]]
+    assert all(0 <= float(r[3]) <= 1 and float(r[2]) >= 0 for r in rows[1:])
     assert resumed["accuracy"] is None and "skipped" in resumed["accuracy_note"]
     assert "accuracy skipped" in capsys.readouterr().out
 
@@ -274,3 +295,52 @@ def test_the_course_evaluator_without_cuda_says_it_needs_a_gpu(mini, tmp_path, c
     err = capsys.readouterr().err
     assert e.value.code != 0 and "needs a GPU" in err and "CUDA" in err
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real formats end to end: a few images made by ../shared/iclevr_like/make_iclevr_like.py, graded by its
+# ResNet18 evaluator (the course's interface), for cond_iclevr.py and the conditional GAN
+# ---------------------------------------------------------------------------------------------------------------
+ICLEVR_LIKE = ROOT.parent / "shared" / "iclevr_like"
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    import subprocess
+    root = tmp_path_factory.mktemp("iclevr_like")
+    subprocess.run([sys.executable, str(ICLEVR_LIKE / "make_iclevr_like.py"), str(root), "--num-train", "9", "--seed", "3"],
+                   check=True, capture_output=True)
+    return root
+
+
+def test_rendered_iclevr_like_data_trains_samples_and_is_graded(rendered, tmp_path):
+    train = json.loads((rendered / "train.json").read_text())
+    assert len(train) == 9 and all(1 <= len(v) <= 3 for v in train.values())
+    with Image.open(rendered / "iclevr" / next(iter(train))) as img:
+        assert img.size == (320, 240)
+    out = tmp_path / "run"
+    metrics = ci.main(["--data-dir", str(rendered), "--evaluator-dir", str(ICLEVR_LIKE / "evaluator"), "--out", str(out),
+                       "--image-size", "16", "--epochs", "1", "--sampler", "ddim", "--steps", "2", *TINY])
+    for stem in ("test", "new_test"):
+        assert 0 <= metrics["accuracy"][stem] <= 1 and len(os.listdir(out / stem)) == 32
+        with Image.open(out / stem / "00001.png") as img:
+            assert img.size == (64, 64)  # upsampled from 16 to the evaluator's 64
+    import gan_baseline as gb
+    gb.main(["--dataset", "iclevr", "--data-dir", str(rendered), "--evaluator-dir", str(ICLEVR_LIKE / "evaluator"),
+             "--out", str(tmp_path / "gan"), "--image-size", "16", "--epochs", "1", "--ch", "8", "--z-dim", "8",
+             "--batch-size", "8", "--stats-samples", "16", "--device", "cpu", "--test-sets", "2"])
+    gan = json.loads((tmp_path / "gan" / "metrics.json").read_text())
+    assert set(gan["accuracy"]) == {"test.json", "new_test.json"}
+    assert gan["results"]["test.json"]["sets"] == 2 and gan["results"]["test.json"]["accuracy_std"] is not None
+    with Image.open(tmp_path / "gan" / "test.png") as img:
+        assert img.size == (8 * 66 + 2, 4 * 66 + 2)  # 64 px images
+
+
+def test_objects_file_in_the_specs_spelling(mini, tmp_path):
+    root, _, _ = mini
+    data = copy_dataset(root, tmp_path / "data")
+    os.rename(data / "objects.json", data / "object.json")
+    assert ci.objects_file(str(data)) == str(data / "object.json")
+    assert ci.objects_file(str(data), "x.json") == "x.json"
+    (data / "objects.json").write_text((data / "object.json").read_text())
+    assert ci.objects_file(str(data)) == str(data / "objects.json")

@@ -110,7 +110,7 @@ def test_sample_records_noise_first_and_the_result_last():
 
 def test_unet_keeps_the_shape_for_odd_sizes_and_conditioning():
     for size, mult in ((28, (1, 2, 2)), (28, (1, 2, 2, 2)), (16, (1, 2))):
-        net = dm.UNet(3, 8, mult, 1, 8, 0.0, size)
+        net = dm.UNet(3, 8, mult, 1, dm.attention_levels(size, mult, 8), 0.0)
         x = torch.randn(2, 3, size, size)
         assert net(x, torch.tensor([0, 999])).shape == x.shape
         assert net(x, torch.tensor([3, 4]), extra_emb=torch.randn(2, net.emb_dim)).shape == x.shape
@@ -257,3 +257,45 @@ def test_bad_input_exits_with_one_sentence_and_writes_nothing(tmp_path, case):
     if case == "unreadable image":
         assert "broken.jpg" in message or "ok.png" in message
     assert not out.exists()
+
+
+def test_fusion_writes_every_fused_image_and_their_fid(tmp_path):
+    """The SJTU hand-in: a folder fused in pairs, each pair at its own t drawn from a range, every fused image as a
+    file beside the grid, and the FID of the fused images against their sources."""
+    data = make_image_folder(tmp_path / "faces")
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(pairs / f"{i}.png")
+    out = tmp_path / "out"
+    run("--dataset", "folder", "--data-dir", data, "--image-size", "16", "--ch", "8", "--timesteps", "10",
+        "--epochs", "1", "--batch-size", "4", "--num-samples", "0", "--no-fid", "--device", "cpu", "--out", out)
+    run("--dataset", "folder", "--data-dir", data, "--out", out, "--fuse", pairs, "--fuse-t", "0", "6", "--lam", "0.5",
+        "--device", "cpu", "--inception", SHARED / "weights" / "pt_inception-2015-12-05-nofc.pth")
+    names = sorted(os.listdir(out / "fusion"))
+    assert names == ["00001.png", "00002.png", "00003.png"]  # 6 images: 3 pairs, 3 fused images
+    with zipfile.ZipFile(out / "fusion.zip") as zf:
+        assert zf.namelist() == names
+    result = json.loads((out / "fusion.json").read_text())
+    assert result["pairs"] == 3 and all(0 <= t < 6 for t in result["t_per_pair"]) and result["fuse_t"] == [0, 6]
+    assert result["fid"] > 0 and result["fid_num_samples"] == 3 and "6 source images" in result["fid_reference"]
+    with Image.open(out / "fusion.png") as img:  # 3 rows of A | B | fused
+        assert img.size == (4 * (3 * 18 + 2), 4 * (3 * 18 + 2))
+
+
+def test_a_gpu_sized_run_on_the_cpu_says_so_at_once(capsys):
+    args = dm.parse_args(["--data-dir", str(SHARED / "data"), "--device", "cpu"])  # the defaults: 30 epochs, ch 64
+    model = dm.build_model(args, 1)
+    sched = dm.NoiseSchedule(dm.make_betas("linear", 1000))
+    batch = dm.load_mnist(str(SHARED / "data"), 64)
+    rng = torch.get_rng_state()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dm.warn_if_slow_on_cpu(args, model, sched, batch, torch.device("cpu"), steps_per_epoch=469)
+    out = capsys.readouterr().out
+    assert "GPU-sized" in out and "--preset cpu" in out and len(out.strip().splitlines()) == 1
+    assert torch.equal(torch.get_rng_state(), rng)  # the run itself is unchanged: same random state, same weights
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    args.preset = "cpu"
+    dm.warn_if_slow_on_cpu(args, model, sched, batch, torch.device("cpu"), steps_per_epoch=469)
+    assert capsys.readouterr().out == ""

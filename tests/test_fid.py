@@ -285,3 +285,27 @@ def test_cli_mnist_stats(tmp_path):
     mu, sigma = fid.load_statistics(tmp_path / "mnist.npz")
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
     assert np.isfinite(sigma).all() and np.allclose(sigma, sigma.T)
+
+
+def test_statistics_that_are_not_a_covariance_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(50, 6))
+    good = np.cov(a, rowvar=False)
+    for name, mu, sigma, says in [("asym", np.zeros(6), good + np.triu(np.ones((6, 6)), 1), "not symmetric"),
+                                  ("neg", np.zeros(6), -good, "negative eigenvalue"),
+                                  ("inf", np.full(6, np.inf), good, "not finite")]:
+        path = tmp_path / f"{name}.npz"
+        with open(path, "wb") as fh:
+            np.savez(fh, mu=mu, sigma=sigma)
+        with pytest.raises(fid.FIDError, match=says):
+            fid.load_statistics(path)
+
+
+def test_the_distance_is_never_negative_or_nan():
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(3000, 64))
+    mu, sigma = fid.statistics_from_features(features)
+    value = fid.frechet_distance(mu, sigma, mu, sigma)  # exactly 0 in exact arithmetic: rounding may go below
+    assert value == 0.0 or 0 < value < 1e-6
+    with pytest.raises(fid.FIDError):
+        fid.frechet_distance(mu, sigma * np.nan, mu, sigma)

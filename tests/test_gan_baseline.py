@@ -378,10 +378,10 @@ def test_accuracy_follows_the_course_protocol(data, tmp_path, monkeypatch):
     assert images.shape == (24, 3, 64, 64) and images.dtype == torch.uint8 and labels.shape == (24, 24)
     assert names == list(OBJECTS) and tests["test.json"].shape == (32, 24)
     assert set(labels.sum(1).tolist()) <= {1.0, 2.0, 3.0}
-    evaluator = gb.load_course_evaluator(str(data["evaluator"]))
+    evaluator = gb.load_evaluator(str(data["evaluator"]))
     assert os.getcwd() == str(tmp_path)
-    assert gb.iclevr_accuracy(evaluator, images, labels, torch.device("cpu")) == 1.0
-    assert gb.iclevr_accuracy(evaluator, images, labels.roll(1, dims=0), torch.device("cpu")) < 0.5
+    assert gb.evaluate(evaluator, images, labels)[0] == 1.0
+    assert gb.evaluate(evaluator, images, labels.roll(1, dims=0))[0] < 0.5
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -485,3 +485,70 @@ def test_fid_uses_the_reference_statistics(tmp_path):
     metrics = read_metrics(out)
     assert metrics["fid_num_samples"] == 24 and metrics["fid_reference"] == str(stats)
     assert np.isfinite(metrics["fid"]) and metrics["fid"] > 50  # an untrained G is far from MNIST
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The StyleGAN-style generator (--arch stylegan): its formulas, style mixing, the R1 penalty, a tiny run
+# ---------------------------------------------------------------------------------------------------------------
+def test_modulation_and_demodulation_follow_their_formulas():
+    torch.manual_seed(0)
+    conv = gb.ModulatedConv2d(6, 5, 3, w_dim=4)
+    with torch.no_grad():
+        conv.affine.weight.normal_()
+    w = torch.randn(2, 4)
+    weight = conv.modulated_weight(w)
+    s = conv.affine(w)  # one scale per input channel and sample
+    expected = conv.scale * conv.weight[None] * s[:, None, :, None, None]
+    expected = expected / expected.pow(2).sum(dim=(2, 3, 4), keepdim=True).add(1e-8).sqrt()
+    torch.testing.assert_close(weight, expected)
+    # demodulated: every output channel's weights have unit norm, so unit-variance inputs give unit-variance outputs
+    torch.testing.assert_close(weight.pow(2).sum(dim=(2, 3, 4)), torch.ones(2, 5), rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 6, 96, 96)
+    out = conv(x, w)
+    assert abs(out[:, :, 2:-2, 2:-2].var().item() - 1) < 0.05
+    # the grouped convolution is each sample's own convolution
+    for n in range(2):
+        torch.testing.assert_close(out[n:n + 1], torch.nn.functional.conv2d(x[n:n + 1], weight[n], padding=1),
+                                   rtol=1e-4, atol=1e-4)
+    plain = gb.ModulatedConv2d(6, 5, 1, w_dim=4, demodulate=False)
+    assert not torch.allclose(plain.modulated_weight(w).pow(2).sum(dim=(2, 3, 4)), torch.ones(2, 5))
+
+
+def test_style_mixing_switches_codes_at_the_crossover():
+    torch.manual_seed(0)
+    G = gb.StyleGenerator(3, 8, 16, 12, 2, 16)
+    assert G.num_layers == 5  # 4x4 constant, then two levels of (upsampling block, block)
+    w1, w2 = torch.randn(3, 12), torch.randn(3, 12)
+    ws = gb.mix_styles(w1, w2, 2, G.num_layers)
+    assert all(torch.equal(ws[k], w1) for k in range(2)) and all(torch.equal(ws[k], w2) for k in range(2, 5))
+    seen = []
+    for block in G.blocks:
+        block.conv.affine.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    z1, z2 = torch.randn(3, 16), torch.randn(3, 16)
+    with torch.no_grad():
+        G(z1, z2=z2, crossover=3)
+        m1, m2 = G.mapping(z1), G.mapping(z2)
+    assert len(seen) == 5
+    assert all(torch.allclose(seen[k], m1) for k in range(3)) and all(torch.allclose(seen[k], m2) for k in range(3, 5))
+    with torch.no_grad():
+        image = G(z1)
+    assert image.shape == (3, 3, 16, 16) and image.abs().max() <= 1 and image.std() > 0.01
+
+
+def test_r1_penalty_is_its_closed_form_on_a_linear_discriminator():
+    weight = torch.randn(3 * 4 * 4)
+
+    def linear_d(x, y=None):  # f(x) = w . x + 2, so grad_x f = w for every image
+        return x.flatten(1) @ weight + 2.0
+    x = torch.randn(5, 3, 4, 4)
+    for gamma in (1.0, 10.0):
+        assert gb.r1_penalty(linear_d, x, None, gamma).item() == pytest.approx(gamma / 2 * weight.pow(2).sum().item(),
+                                                                              rel=1e-5)
+
+
+def test_tiny_stylegan_run_writes_every_output(tmp_path, data):
+    out = tmp_path / "style"
+    run(["--dataset", "folder", "--data-dir", data["folder"], "--image-size", 16, "--arch", "stylegan", "--epochs", 1,
+         "--num-samples", 10, "--no-fid", "--w-dim", 16, "--mapping-layers", 2, "--out", out] + TINY)
+    metrics = check_common_outputs(out, n_samples=10, side=16)
+    assert metrics["arch"] == "stylegan" and metrics["args"]["loss"] == "nonsat" and metrics["args"]["r1_gamma"] == 1.0
