@@ -1,26 +1,26 @@
-"""Benchmark of cond_iclevr.py: accuracy from the course's evaluator against training time, and per guidance scale.
+"""Benchmark of cond_iclevr.py: accuracy against training time, per guidance scale, judged by two evaluators.
 
 What it measures
 ----------------
-  --preset gpu   the homework itself, on the real iCLEVR and the course's evaluator.py + checkpoint.pth (a GPU is
-                 required: the evaluator moves itself to CUDA). One training run with the defaults, graded every
-                 --eval-every epochs (DDIM 50 steps, into OUT/train/accuracy.csv: accuracy against epoch and
-                 wall time); then the final checkpoint resampled with the default DDPM sampler (all 1000 steps)
-                 at each classifier-free guidance scale, --num-samples sets per test file (mean and spread, since
-                 32 images make a noisy number). The table: accuracy on test.json and new_test.json per scale,
-                 training seconds, sampling seconds, the GPU. The course's bar: 0.8 on both files.
-  --preset cpu   the CPU demo of the README on the miniature dataset (tests/iclevr_fixtures.py: flat coloured
-                 shapes, graded by the stand-in evaluator, whose number means nothing about iCLEVR); it shows
-                 that every output is written and what a CPU run costs.
-Times are wall seconds and the CPU seconds of the child processes (on a shared machine the wall time grows
-with the load; the CPU time is about what the run takes on a core of its own).
+  1. One training run, `cond_iclevr.py --preset P`, graded every --eval-every epochs during training by the first
+     evaluator (DDIM 50 steps, into OUT/train/accuracy.csv: accuracy against epoch and seconds of training).
+  2. The final checkpoint resampled at each classifier-free guidance scale, --num-samples independent sets of the
+     32 images per test file (different seeds): accuracy as mean +- std over the sets, by every evaluator given.
+  3. Classifier guidance (Dhariwal & Nichol) by one evaluator, graded by both: a gain that only the guiding
+     evaluator sees is not a gain. Run only with two evaluators (--evaluator-dir A --judge-dir B).
+The iCLEVR stand-in: ../shared/iclevr_like/ (make_iclevr_like.py DIR --seed S writes the data in the course's
+formats; evaluator/ is a judge trained on seed 0's renders; train_iclevr_evaluator.py trains a second, independent
+one on another seed's renders). On the course's real files and evaluator the numbers may differ.
 
 Commands (from the repository root)
 -----------------------------------
-  python benchmarks/cond_iclevr.py --preset gpu --data-dir file --evaluator-dir file     # the README's GPU numbers
-  OMP_NUM_THREADS=1 python benchmarks/cond_iclevr.py --preset cpu                          # the README's CPU demo
-  python benchmarks/cond_iclevr.py --summarise-only --out runs/bench_cond_iclevr_gpu       # the table again
-  python benchmarks/cond_iclevr.py --preset gpu ... -- --ch 64                             # flags for the training run
+  python ../shared/iclevr_like/make_iclevr_like.py data/iclevr_s0 --seed 0 --workers 2
+  python ../shared/iclevr_like/make_iclevr_like.py data/iclevr_s1 --seed 1 --workers 2
+  python ../shared/iclevr_like/train_iclevr_evaluator.py data/iclevr_s1 data/evaluator_s1 --seed 1 --epochs 6 --threads 2
+  python benchmarks/cond_iclevr.py --preset cpu --data-dir data/iclevr_s0 --evaluator-dir ../shared/iclevr_like/evaluator \\
+      --judge-dir data/evaluator_s1                          # the README's CPU table (2-core CPU, about 2 hours)
+  python benchmarks/cond_iclevr.py --preset gpu --data-dir file --evaluator-dir file       # the course's files, a GPU
+  python benchmarks/cond_iclevr.py --summarise-only --out runs/bench_cond_iclevr_cpu       # the table again
 """
 import argparse
 import csv
@@ -33,26 +33,33 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU_DEMO = ["--device", "cpu", "--image-size", "16", "--ch", "16", "--ch-mult", "1", "2", "--num-res-blocks", "1",
-            "--attn-res", "8", "--timesteps", "100", "--epochs", "45", "--batch-size", "32", "--lr", "1e-3",
-            "--warmup", "50", "--ema-decay", "0.995", "--sampler", "ddim", "--steps", "25"]
+# The flags of each preset's training run (cond_iclevr.py's own --preset for the CPU).
+TRAIN = {"cpu": ["--preset", "cpu", "--eval-every", "2"], "gpu": ["--epochs", "200", "--eval-every", "10"]}
+GUIDANCE = {"cpu": [1.0, 2.0, 3.0, 4.0], "gpu": [1.0, 1.5, 2.0, 3.0, 4.0]}
+CLASSIFIER_GUIDANCE = [0.3, 1.0, 3.0]
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(TRAIN), default="cpu")
+    p.add_argument("--data-dir", default="file", help="objects.json, train.json, test files, iclevr/")
+    p.add_argument("--evaluator-dir", default=None, help="the grading evaluator (default --data-dir)")
+    p.add_argument("--judge-dir", default=None, help="a second, independent evaluator")
+    p.add_argument("--out", default=None, help="default runs/bench_cond_iclevr_<preset>")
+    p.add_argument("--guidance", type=float, nargs="+", default=None, help="classifier-free guidance scales resampled")
+    p.add_argument("--classifier-guidance", type=float, nargs="*", default=CLASSIFIER_GUIDANCE,
+                   help="classifier-guidance scales (with --judge-dir)")
+    p.add_argument("--num-samples", type=int, default=4, help="independent sets of 32 images per file and scale")
+    p.add_argument("--summarise-only", action="store_true", help="only print the table from an earlier run")
+    p.add_argument("extra", nargs="*", help="more cond_iclevr.py flags for the training run, after --")
+    return p
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=["gpu", "cpu"], default="gpu")
-    p.add_argument("--data-dir", default="file", help="(gpu) the course's objects.json, train.json, test files, iclevr/")
-    p.add_argument("--evaluator-dir", default=None, help="(gpu) the course's evaluator.py and checkpoint.pth (default --data-dir)")
-    p.add_argument("--out", default=None, help="default runs/bench_cond_iclevr_<preset>")
-    p.add_argument("--epochs", type=int, default=200, help="(gpu) training epochs")
-    p.add_argument("--eval-every", type=int, default=10, help="(gpu) grade every K epochs during training")
-    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0], help="(gpu) scales resampled")
-    p.add_argument("--num-samples", type=int, default=5, help="(gpu) sets of 32 images per test file and scale")
-    p.add_argument("--summarise-only", action="store_true", help="only print the table from an earlier run")
-    p.add_argument("extra", nargs="*", help="(gpu) more cond_iclevr.py flags for the training run, after --")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.out = Path(args.out or f"runs/bench_cond_iclevr_{args.preset}")
     args.evaluator_dir = args.evaluator_dir or args.data_dir
+    args.guidance = args.guidance or GUIDANCE[args.preset]
     return args
 
 
@@ -60,71 +67,76 @@ def run(argv, log):
     """One cond_iclevr.py process; returns (wall seconds, CPU seconds of the child)."""
     before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
     with open(log, "w") as fh:
-        code = subprocess.call([sys.executable, str(ROOT / "cond_iclevr.py"), *argv], stdout=fh, stderr=subprocess.STDOUT)
+        code = subprocess.call([sys.executable, str(ROOT / "cond_iclevr.py"), *map(str, argv)], stdout=fh,
+                               stderr=subprocess.STDOUT, cwd=ROOT)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if code:
         sys.exit(f"cond_iclevr.py failed (exit {code}); see {log}")
     return round(time.time() - t0, 1), round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)
 
 
-def gpu(args):
+def benchmark(args):
+    judges = [args.evaluator_dir] + ([args.judge_dir] if args.judge_dir else [])
     train_dir = args.out / "train"
-    timing = {}
+    timing_path = args.out / "timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     if not (train_dir / "metrics.json").is_file():
-        timing["train"] = run(["--data-dir", args.data_dir, "--evaluator-dir", args.evaluator_dir, "--out", str(train_dir),
-                               "--epochs", str(args.epochs), "--eval-every", str(args.eval_every), *args.extra],
-                              args.out / "train.log")
-    for s in args.guidance:
-        out = args.out / f"guidance_{s:g}"
+        resume = ["--resume"] if (train_dir / "ckpt.pt").is_file() else []
+        timing["train"] = run(["--data-dir", args.data_dir, "--evaluator-dir", *judges, "--out", train_dir,
+                               *TRAIN[args.preset], *resume, *args.extra], args.out / "train.log")
+        timing_path.write_text(json.dumps(timing, indent=2))
+    common = ["--data-dir", args.data_dir, "--sample-only", "--ckpt", train_dir / "ckpt.pt", "--num-samples",
+              args.num_samples, "--evaluator-dir", *judges]
+    runs = [(f"guidance_{s:g}", ["--guidance", s]) for s in args.guidance]
+    if args.judge_dir:
+        best = 2.0 if 2.0 in args.guidance else args.guidance[0]
+        for guide in (args.evaluator_dir, args.judge_dir):
+            tag = "A" if guide == args.evaluator_dir else "B"
+            runs += [(f"classifier_{tag}_{c:g}", ["--guidance", best, "--classifier-guidance", c, "--guide-dir", guide])
+                     for c in args.classifier_guidance]
+    for name, flags in runs:
+        out = args.out / name
         if not (out / "metrics.json").is_file():
-            timing[f"guidance_{s:g}"] = run(
-                ["--data-dir", args.data_dir, "--evaluator-dir", args.evaluator_dir, "--sample-only", "--ckpt",
-                 str(train_dir / "ckpt.pt"), "--out", str(out), "--guidance", str(s), "--num-samples",
-                 str(args.num_samples)], args.out / f"guidance_{s:g}.log")
-    path = args.out / "timing.json"
-    earlier = json.loads(path.read_text()) if path.is_file() else {}
-    path.write_text(json.dumps({**earlier, **timing}, indent=2))
-
-
-def cpu(args):
-    data = ROOT / "runs" / "mini_iclevr"
-    if not (data / "train.json").is_file():
-        subprocess.check_call([sys.executable, str(ROOT / "tests" / "iclevr_fixtures.py"), str(data), "--num-train", "512"])
-    timing = {"demo": run(["--data-dir", str(data), "--evaluator-dir", str(data / "stand_in_evaluator"),
-                           "--out", str(args.out / "demo"), *CPU_DEMO], args.out / "demo.log")}
-    (args.out / "timing.json").write_text(json.dumps(timing, indent=2))
+            timing[name] = run(common + ["--out", out, *flags], args.out / f"{name}.log")
+            timing_path.write_text(json.dumps(timing, indent=2))
 
 
 def summarise(args):
     timing = json.loads((args.out / "timing.json").read_text()) if (args.out / "timing.json").is_file() else {}
-    rows, acc = [], {}
+    rows = []
     for metrics_path in sorted(args.out.glob("*/metrics.json")):
         m = json.loads(metrics_path.read_text())
         name = metrics_path.parent.name
-        acc = {stem: (r.get("accuracy_mean", (r["accuracy_per_set"] or [None])[0]), r.get("accuracy_std"))
-               for stem, r in m["results"].items()}
-        rows.append(f"| {name} | {m['device']} | {m.get('epochs', m.get('checkpoint_epoch', '-'))} | {m['sampler']} {m['sampling_steps']} | "
-                    f"{m['guidance']:g} | " + " | ".join(
-                        "-" if a is None else f"{a:.3f}" + (f" ± {sd:.3f}" if sd is not None else "") for a, sd in acc.values())
-                    + f" | {timing.get(name, ('-', '-'))[0]} / {timing.get(name, ('-', '-'))[1]} |")
+        cells = []
+        for stem, r in m["results"].items():
+            for judge, s in (r.get("by_evaluator") or {}).items():
+                sd = s.get("accuracy_std")
+                cells.append(f"{stem} [{Path(judge).name}]: {s['accuracy_mean']:.3f}" + (f" ± {sd:.3f}" if sd else "")
+                             + f" ({s['sets']} sets)")
+        rows.append({"run": name, "device": m.get("hardware", m["device"]), "epochs": m.get("epochs", m.get("checkpoint_epoch")),
+                     "sampler": f"{m['sampler']} {m['sampling_steps']}", "guidance": m["guidance"],
+                     "classifier_guidance": m["classifier_guidance"], "guide": Path(m["guide_dir"]).name if m.get("guide_dir") and m["classifier_guidance"] else "-",
+                     "accuracy": cells, "seconds": timing.get(name)})
     if not rows:
         sys.exit(f"no */metrics.json under {args.out}")
-    print("| run | device | epochs | sampler, steps | guidance | " + " | ".join(f"{s}.json" for s in acc)
-          + " | wall s / CPU s |")
-    print("|---" * (7 + len(acc) - 1) + "|")
-    print("\n".join(rows))
+    for r in rows:
+        print(f"{r['run']:<22} {r['device']}, epochs {r['epochs']}, {r['sampler']}, guidance {r['guidance']:g}, "
+              f"classifier guidance {r['classifier_guidance']:g} by {r['guide']}; wall/CPU s {r['seconds']}")
+        for cell in r["accuracy"]:
+            print(f"    {cell}")
     curve = args.out / "train" / "accuracy.csv"
     if curve.is_file():
         print(f"\naccuracy during training ({curve}):")
         for row in csv.reader(open(curve)):
             print("  " + "  ".join(row))
+    (args.out / "summary.json").write_text(json.dumps(rows, indent=2))
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.summarise_only:
-        gpu(args) if args.preset == "gpu" else cpu(args)
+        benchmark(args)
     summarise(args)
 
 

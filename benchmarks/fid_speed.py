@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 import fid  # noqa: E402
 
 
-def main():
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-images", type=int, default=10_000)
@@ -37,7 +37,11 @@ def main():
                    if (SHARED / "weights").is_dir() else None)
     p.add_argument("--from-png", action="store_true",
                    help="also time the folder path: write the digits as PNGs and read them back")
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = build_parser().parse_args()
 
     try:
         device = fid.pick_device(args.device)

@@ -52,7 +52,7 @@ def fake_hub_cache(weights, torch_home):
     return torch_home
 
 
-def main():
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folders", nargs="*", metavar="A B", help="two image folders (default: MNIST)")
@@ -67,7 +67,11 @@ def main():
     p.add_argument("--work-dir", default=None, help="default: a temporary folder, removed after")
     p.add_argument("--use-hub-cache", action="store_true",
                    help="let pytorch-fid use the real torch hub cache (online)")
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = build_parser().parse_args()
     if args.folders and len(args.folders) != 2:
         sys.exit("error: give two folders A B, or none for the MNIST default.")
     try:
