@@ -20,6 +20,8 @@ Commands (from the repository root)
   python benchmarks/cond_iclevr.py --preset cpu --data-dir data/iclevr_s0 --evaluator-dir ../shared/iclevr_like/evaluator \\
       --judge-dir data/evaluator_s1                          # the README's CPU table (2-core CPU, about 2 hours)
   python benchmarks/cond_iclevr.py --preset gpu --data-dir file --evaluator-dir file       # the course's files, a GPU
+  python benchmarks/cond_iclevr.py --preset cpu --data-dir data/iclevr_s0 --evaluator-dir ../shared/iclevr_like/evaluator \
+      --judge-dir data/evaluator_s1 --eta 1 --guidance 1 2 3 --classifier-guidance 3   # resampled with DDIM eta 1
   python benchmarks/cond_iclevr.py --summarise-only --out runs/bench_cond_iclevr_cpu       # the table again
 """
 import argparse
@@ -35,6 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # The flags of each preset's training run (cond_iclevr.py's own --preset for the CPU).
 TRAIN = {"cpu": ["--preset", "cpu", "--eval-every", "2"], "gpu": ["--epochs", "200", "--eval-every", "10"]}
+# The resampling runs take the preset's sampler too (--sample-only reads only the model's flags from the checkpoint).
+SAMPLE = {"cpu": ["--preset", "cpu"], "gpu": []}
 GUIDANCE = {"cpu": [1.0, 2.0, 3.0, 4.0], "gpu": [1.0, 1.5, 2.0, 3.0, 4.0]}
 CLASSIFIER_GUIDANCE = [0.3, 1.0, 3.0]
 
@@ -49,6 +53,8 @@ def build_parser():
     p.add_argument("--guidance", type=float, nargs="+", default=None, help="classifier-free guidance scales resampled")
     p.add_argument("--classifier-guidance", type=float, nargs="*", default=CLASSIFIER_GUIDANCE,
                    help="classifier-guidance scales (with --judge-dir)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="DDIM eta of the resampled runs (default the preset's; their folders get an _eta suffix)")
     p.add_argument("--num-samples", type=int, default=4, help="independent sets of 32 images per file and scale")
     p.add_argument("--summarise-only", action="store_true", help="only print the table from an earlier run")
     p.add_argument("extra", nargs="*", help="more cond_iclevr.py flags for the training run, after --")
@@ -85,7 +91,7 @@ def benchmark(args):
         timing["train"] = run(["--data-dir", args.data_dir, "--evaluator-dir", *judges, "--out", train_dir,
                                *TRAIN[args.preset], *resume, *args.extra], args.out / "train.log")
         timing_path.write_text(json.dumps(timing, indent=2))
-    common = ["--data-dir", args.data_dir, "--sample-only", "--ckpt", train_dir / "ckpt.pt", "--num-samples",
+    common = [*SAMPLE[args.preset], "--data-dir", args.data_dir, "--sample-only", "--ckpt", train_dir / "ckpt.pt", "--num-samples",
               args.num_samples, "--evaluator-dir", *judges]
     runs = [(f"guidance_{s:g}", ["--guidance", s]) for s in args.guidance]
     if args.judge_dir:
@@ -94,6 +100,8 @@ def benchmark(args):
             tag = "A" if guide == args.evaluator_dir else "B"
             runs += [(f"classifier_{tag}_{c:g}", ["--guidance", best, "--classifier-guidance", c, "--guide-dir", guide])
                      for c in args.classifier_guidance]
+    if args.eta is not None:
+        runs = [(f"{name}_eta{args.eta:g}", flags + ["--eta", args.eta]) for name, flags in runs]
     for name, flags in runs:
         out = args.out / name
         if not (out / "metrics.json").is_file():
