@@ -49,7 +49,7 @@ The maths (t runs over {0, ..., T-1}; the DDPM parts are ddpm_mnist.py's, unchan
 Commands
 --------
   python cond_iclevr.py --data-dir file --evaluator-dir file                    # the homework on a GPU
-  python cond_iclevr.py --preset cpu --data-dir file --evaluator-dir file       # a 2-core CPU in under two hours
+  python cond_iclevr.py --preset cpu --data-dir file --evaluator-dir file       # a 2-core CPU, about 1.5 hours
   python cond_iclevr.py --data-dir file --evaluator-dir file --sample-only --guidance 3    # resample, regrade
   python cond_iclevr.py --data-dir file --evaluator-dir file --epochs 300 --eval-every 10  # accuracy.csv per 10 epochs
   python benchmarks/cond_iclevr.py --preset cpu --data-dir DIR --evaluator-dir DIR    # the README's table
