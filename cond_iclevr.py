@@ -1005,15 +1005,6 @@ def any_process(flag):
     return value.item() > 0
 
 
-def gather_dicts(mine):
-    """Every process's {key: tensor} merged on rank 0 (the others get {}); a plain run returns mine."""
-    if world_size() == 1:
-        return mine
-    parts = [None] * world_size()
-    dist.all_gather_object(parts, {k: v.cpu() for k, v in mine.items()})
-    return {k: v for part in parts for k, v in part.items()} if rank() == 0 else {}
-
-
 def parallel_model(model, args, device, n):
     """The network the training step calls: DistributedDataParallel under torchrun, compiled with --compile.
     n: the images per epoch (see check_shares)."""
@@ -1100,11 +1091,6 @@ def asks_to_run_code(path, error):
     except Exception:
         return False
     return bool(ops & {"GLOBAL", "STACK_GLOBAL", "REDUCE", "INST", "OBJ", "NEWOBJ"})
-
-
-def first_line(error):
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def rng_state():
