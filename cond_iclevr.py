@@ -75,7 +75,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from PIL import Image, ImageDraw, ImageFont
 
 SCRIPT = "cond_iclevr"  # written into every checkpoint, so that another script's checkpoint is recognised
@@ -1320,7 +1319,12 @@ def make_grid(images, nrow, pad=2, scale=None):
     """uint8 N x 3 x H x W -> one PIL image, nrow images per row, small images enlarged (nearest) to be seen."""
     n, _, h, w = images.shape
     scale = scale or max(1, 64 // h)
-    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=pad, pad_value=255)
+    cols = min(nrow, n)
+    rows = -(-n // cols)  # ceil(n / cols)
+    grid = torch.full((3, rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=torch.uint8)  # white lines
+    for i, image in enumerate(images):
+        top, left = pad + (i // cols) * (h + pad), pad + (i % cols) * (w + pad)
+        grid[:, top:top + h, left:left + w] = image
     img = Image.fromarray(grid.permute(1, 2, 0).numpy())
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
 

@@ -53,7 +53,6 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from PIL import Image
 
 # ----------------------------------------------------------------------------------------------
@@ -798,6 +797,7 @@ def check_writable(path):
 
 def mnist_train_digits(data_dir):
     """The 60,000 MNIST training digits as a uint8 N×3×28×28 tensor (gray replicated to RGB)."""
+    import torchvision  # here, not at the top: importing it takes seconds, and only MNIST needs it
     try:
         digits = torchvision.datasets.MNIST(data_dir, train=True, download=True).data
     except Exception as e:

@@ -54,6 +54,7 @@ Commands
 import argparse
 import copy
 import csv
+import gzip
 import importlib.util
 import json
 import math
@@ -61,6 +62,7 @@ import os
 import pickletools
 import shutil
 import signal
+import struct
 import sys
 import tempfile
 import time
@@ -71,7 +73,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 SCRIPT = "gan_baseline"  # written into every checkpoint, so that another script's checkpoint is recognised
@@ -1276,6 +1277,15 @@ def load_image_folder(root, size, limit=None):
 def mnist_digits(data_dir):
     """MNIST's 60,000 training digits (N x 28 x 28 uint8) from data_dir/MNIST/raw, downloaded there if missing.
     A failed download leaves no empty folder behind."""
+    raw = os.path.join(data_dir, "MNIST", "raw", "train-images-idx3-ubyte")
+    for path, opener in ((raw, open), (raw + ".gz", gzip.open)):
+        if os.path.isfile(path):  # the IDX format: a 16-byte header (2051, count, rows, cols), then the pixels
+            with opener(path, "rb") as fh:
+                data = fh.read()
+            magic, n, rows, cols = struct.unpack(">4I", data[:16])
+            if magic == 2051 and len(data) == 16 + n * rows * cols:
+                return torch.frombuffer(bytearray(data[16:]), dtype=torch.uint8).view(n, rows, cols)
+    import torchvision  # here, not at the top: importing it takes seconds, and only the download needs it
     try:
         return torchvision.datasets.MNIST(data_dir, train=True, download=False).data
     except RuntimeError:
@@ -1307,7 +1317,12 @@ def make_grid(images, nrow, pad=2, scale=None):
     """uint8 N x 3 x H x W -> one PIL image, nrow images per row, small images enlarged (nearest) to be seen."""
     n, _, h, w = images.shape
     scale = scale or max(1, 64 // h)
-    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=pad, pad_value=255)
+    cols = min(nrow, n)
+    rows = -(-n // cols)  # ceil(n / cols)
+    grid = torch.full((3, rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=torch.uint8)  # white lines
+    for i, image in enumerate(images):
+        top, left = pad + (i // cols) * (h + pad), pad + (i % cols) * (w + pad)
+        grid[:, top:top + h, left:left + w] = image
     img = Image.fromarray(grid.permute(1, 2, 0).numpy())
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
 

@@ -16,7 +16,7 @@ Commands (from the repository root)
 -----------------------------------
   python benchmarks/cfg_mnist_classes.py --write-mnist-classes data/mnist_classes   # only write the folders
   python benchmarks/cfg_mnist_classes.py --train-classifier runs/cfg_mnist/digit_classifier.pt2
-  OMP_NUM_THREADS=1 python benchmarks/cfg_mnist_classes.py --preset cpu   # the README's CPU numbers
+  python benchmarks/cfg_mnist_classes.py --preset cpu                     # the README's CPU numbers (both cores)
   python benchmarks/cfg_mnist_classes.py --preset gpu                     # the GPU targets
 Every step is skipped when its output exists (and an interrupted training run resumes from its checkpoint), so a
 preset can be re-run after an interruption.

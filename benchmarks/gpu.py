@@ -101,10 +101,10 @@ def main(argv=None):
     if left() > 10:
         import fid
         import ddpm_mnist
-        n = 12 if args.tiny else 10_000
+        n = 4 if args.tiny else 10_000
         digits = ddpm_mnist.load_mnist(args.data_dir, n).expand(-1, 3, -1, -1)
         model = fid.load_inception(args.inception if os.path.isfile(args.inception) else None, device)
-        fid.compute_features(digits[:4 if args.tiny else 50], model, device=device, progress=False)  # warm-up, not timed
+        fid.compute_features(digits[:2 if args.tiny else 50], model, device=device, progress=False)  # warm-up, not timed
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.time()
@@ -136,7 +136,7 @@ def main(argv=None):
     if left() > 60:
         import cfg_mnist_classes as bench
         data = out / "mnist_classes"
-        bench.write_mnist_classes(args.data_dir, str(data), per_class=6 if args.tiny else None)
+        bench.write_mnist_classes(args.data_dir, str(data), per_class=2 if args.tiny else None)
         classifier = out / "digit_classifier.pt2"
         if not classifier.is_file():
             bench.train_classifier(args.data_dir, str(classifier), 1 if args.tiny else 3, torch.device(device),

@@ -13,7 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 import cfg_afhq as cfg  # noqa: E402
-import fid  # noqa: E402
 
 CLASSES = ["cat", "dog", "wild"]
 MODEL = ["--image-size", "16", "--ch", "8", "--ch-mult", "1", "2", "--num-res-blocks", "1", "--timesteps", "20",
@@ -106,16 +105,10 @@ def export_colour_classifier(path):
     torch.export.save(program, str(path))
 
 
-def test_a_tiny_run_writes_every_output(afhq_like, tmp_path, monkeypatch):
+def test_a_tiny_run_writes_every_output(afhq_like, tmp_path, quick_frechet):
     out, eval_dir, classifier = tmp_path / "run", tmp_path / "eval_afhq_16px", tmp_path / "colour.pt2"
     export_colour_classifier(classifier)
-    calls = []
-
-    def quick_frechet_distance(mu1, sigma1, mu2, sigma2):
-        # sqrtm of a 2048 x 2048 matrix takes a minute on one core; fid.py's own tests check the real one.
-        calls.append((mu1.shape, sigma1.shape, mu2.shape, sigma2.shape))
-        return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2))
-    monkeypatch.setattr(fid, "frechet_distance", quick_frechet_distance)
+    calls = quick_frechet  # the distance without its matrix square root (conftest.py)
     cfg.main(["--data-dir", str(afhq_like), "--out", str(out), "--prepare-eval", "--eval-dir", str(eval_dir),
               "--epochs", "2", "--num-samples", "12", "--cfg-scales", "0", "7.5", "--grid-cols", "3",
               "--inception", str(SHARED / "weights" / "pt_inception-2015-12-05-nofc.pth"),

@@ -186,3 +186,27 @@ def test_bad_checkpoints_get_one_sentence(tmp_path, capsys, content, says):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
     assert "Traceback" not in err[0] and "weights_only=False" not in err[0]
+
+
+# --- the writers' own grid and MNIST reader (no torchvision import at start-up) --------------------------------------
+@pytest.mark.parametrize("n, nrow", [(2, 8), (25, 5), (7, 3), (64, 8)])
+def test_make_grid_lays_out_what_torchvision_does(n, nrow):
+    import torchvision
+    images = torch.randint(0, 256, (n, 3, 5, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    ours = np.asarray(dm.make_grid(images, nrow=nrow, pad=2, scale=1))
+    theirs = torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy()
+    assert ours.shape == theirs.shape and (ours == theirs).all()
+
+
+def test_mnist_reader_gives_torchvisions_digits_from_the_raw_and_the_gzipped_file(tmp_path):
+    import gzip
+    import torchvision
+    shared = ROOT.parent / "shared" / "data"
+    theirs = torchvision.datasets.MNIST(str(shared), train=True, download=False).data
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    with gzip.open(raw / "train-images-idx3-ubyte.gz", "wb", compresslevel=1) as fh:
+        fh.write((shared / "MNIST" / "raw" / "train-images-idx3-ubyte").read_bytes())
+    for root in (shared, tmp_path):
+        ours = dm.mnist_digits(str(root))
+        assert ours.dtype == torch.uint8 and torch.equal(ours, theirs)

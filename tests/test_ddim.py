@@ -351,7 +351,7 @@ def test_image_mode_rejects_more_steps_than_the_checkpoint(tmp_path, mnist_ckpt,
     assert not (tmp_path / "o").exists()
 
 
-def test_image_mode_fid_against_steps(tmp_path, mnist_ckpt):
+def test_image_mode_fid_against_steps(tmp_path, mnist_ckpt, quick_frechet):
     out = tmp_path / "fid"
     ddim.main(["--ckpt", str(mnist_ckpt), "--steps", "4", "--num-samples", "16", "--device", "cpu", "--out", str(out),
                "--fid-steps", "4", "--inception", str(SHARED / "weights" / "pt_inception-2015-12-05-nofc.pth"),
@@ -364,3 +364,4 @@ def test_image_mode_fid_against_steps(tmp_path, mnist_ckpt):
     # The table's DDIM-4 row draws the same images as the main run (same seed, same sampler): same FID;
     # DPM-Solver++ draws others.
     assert table[0]["fid"] == pytest.approx(metrics["fid"], rel=1e-6) and table[1]["fid"] != table[0]["fid"]
+    assert len(quick_frechet) == 2  # the main run's, and DPM-Solver++'s: the DDIM-4 row reuses the main run's

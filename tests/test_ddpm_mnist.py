@@ -259,7 +259,7 @@ def test_bad_input_exits_with_one_sentence_and_writes_nothing(tmp_path, case):
     assert not out.exists()
 
 
-def test_fusion_writes_every_fused_image_and_their_fid(tmp_path):
+def test_fusion_writes_every_fused_image_and_their_fid(tmp_path, quick_frechet):
     """The SJTU hand-in: a folder fused in pairs, each pair at its own t drawn from a range, every fused image as a
     file beside the grid, and the FID of the fused images against their sources."""
     data = make_image_folder(tmp_path / "faces")
@@ -271,8 +271,9 @@ def test_fusion_writes_every_fused_image_and_their_fid(tmp_path):
     out = tmp_path / "out"
     run("--dataset", "folder", "--data-dir", data, "--image-size", "16", "--ch", "8", "--timesteps", "10",
         "--epochs", "1", "--batch-size", "4", "--num-samples", "0", "--no-fid", "--device", "cpu", "--out", out)
-    run("--dataset", "folder", "--data-dir", data, "--out", out, "--fuse", pairs, "--fuse-t", "0", "6", "--lam", "0.5",
-        "--device", "cpu", "--inception", SHARED / "weights" / "pt_inception-2015-12-05-nofc.pth")
+    # In this process, so that the distance can skip its matrix square root (conftest.py); the features are real.
+    dm.main(["--dataset", "folder", "--data-dir", str(data), "--out", str(out), "--fuse", str(pairs), "--fuse-t", "0",
+             "6", "--lam", "0.5", "--device", "cpu", "--inception", str(SHARED / "weights" / "pt_inception-2015-12-05-nofc.pth")])
     names = sorted(os.listdir(out / "fusion"))
     assert names == ["00001.png", "00002.png", "00003.png"]  # 6 images: 3 pairs, 3 fused images
     with zipfile.ZipFile(out / "fusion.zip") as zf:
@@ -280,6 +281,7 @@ def test_fusion_writes_every_fused_image_and_their_fid(tmp_path):
     result = json.loads((out / "fusion.json").read_text())
     assert result["pairs"] == 3 and all(0 <= t < 6 for t in result["t_per_pair"]) and result["fuse_t"] == [0, 6]
     assert result["fid"] > 0 and result["fid_num_samples"] == 3 and "6 source images" in result["fid_reference"]
+    assert quick_frechet == [((2048,), (2048, 2048), (2048,), (2048, 2048))]  # fused images against their sources
     with Image.open(out / "fusion.png") as img:  # 3 rows of A | B | fused
         assert img.size == (4 * (3 * 18 + 2), 4 * (3 * 18 + 2))
 

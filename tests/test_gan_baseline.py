@@ -477,7 +477,7 @@ def test_command_line_exit_status(tmp_path, data):
 # ---------------------------------------------------------------------------------------------------------------
 # FID (last: it loads the Inception network)
 # ---------------------------------------------------------------------------------------------------------------
-def test_fid_uses_the_reference_statistics(tmp_path):
+def test_fid_uses_the_reference_statistics(tmp_path, quick_frechet):
     out = tmp_path / "fid"
     stats = SHARED / "fid-reference" / "mnist_train10k_stats.npz"
     run(["--data-dir", MNIST_DIR, "--limit", 32, "--epochs", 1, "--num-samples", 24, "--fid", "--fid-stats", stats,
@@ -485,6 +485,7 @@ def test_fid_uses_the_reference_statistics(tmp_path):
     metrics = read_metrics(out)
     assert metrics["fid_num_samples"] == 24 and metrics["fid_reference"] == str(stats)
     assert np.isfinite(metrics["fid"]) and metrics["fid"] > 50  # an untrained G is far from MNIST
+    assert len(quick_frechet) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------

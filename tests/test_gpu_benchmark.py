@@ -20,7 +20,7 @@ def test_every_step_of_the_gpu_benchmark_runs_at_toy_sizes(tmp_path):
     assert set(steps) == {"ddpm_mnist_epochs_30", "fid_speed", "gan_mnist", "cfg_mnist"}
     ddpm = steps["ddpm_mnist_epochs_30"]
     assert ddpm["finished"] and ddpm["num_samples"] == 8 and ddpm["fid"] > 0 and "train16" in ddpm["fid_reference"]
-    assert steps["fid_speed"]["images"] == 12 and steps["fid_speed"]["seconds_per_10k_png"] > 0
+    assert steps["fid_speed"]["images"] == 4 and steps["fid_speed"]["seconds_per_10k_png"] > 0
     assert steps["gan_mnist"]["finished"] and steps["gan_mnist"]["fid"] > 0
     assert steps["cfg_mnist"]["finished"] and steps["cfg_mnist"]["fid_w0"] > 0
     assert 0 <= steps["cfg_mnist"]["right_digit_w7.5"] <= 1
