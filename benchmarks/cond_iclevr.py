@@ -20,7 +20,7 @@ Commands (from the repository root)
   python benchmarks/cond_iclevr.py --preset cpu --data-dir data/iclevr_s0 --evaluator-dir ../shared/iclevr_like/evaluator \\
       --judge-dir data/evaluator_s1                          # the README's CPU table (2-core CPU, about 2 hours)
   python benchmarks/cond_iclevr.py --preset gpu --data-dir file --evaluator-dir file       # the course's files, a GPU
-  python benchmarks/cond_iclevr.py --preset cpu --data-dir data/iclevr_s0 --evaluator-dir ../shared/iclevr_like/evaluator \
+  python benchmarks/cond_iclevr.py --preset cpu --data-dir data/iclevr_s0 --evaluator-dir ../shared/iclevr_like/evaluator \\
       --judge-dir data/evaluator_s1 --eta 1 --guidance 1 2 3 --classifier-guidance 3   # resampled with DDIM eta 1
   python benchmarks/cond_iclevr.py --summarise-only --out runs/bench_cond_iclevr_cpu       # the table again
 """
