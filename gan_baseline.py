@@ -78,12 +78,12 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 SCRIPT = "gan_baseline"  # written into every checkpoint, so that another script's checkpoint is recognised
 # A preset changes defaults only; an explicit flag still wins. Measured numbers are in the README.
 PRESETS = {
-    # MNIST on a 2-core CPU in about 24 minutes of training (both cores: 0.41 s per D + G step): a narrow G and D,
+    # MNIST on a 2-core CPU in about 24 minutes of training (both cores: 0.43 s per D + G step): a narrow G and D,
     # 3,283 steps, and an EMA of G short enough (0.998) to follow a generator that is still improving.
     "cpu": dict(device="cpu", ch=12, batch_size=64, limit=30000, epochs=7, ema_decay=0.998, num_samples=2000,
                 fid_ref_limit=10000, out="runs/gan_cpu"),
     # The conditional GAN on iCLEVR on a 2-core CPU: 32x32 images upsampled to 64 for the evaluator, as the DDPM's.
-    # Width 16 (a D + G step takes about 1.1 s on both cores; width 32 took 3.2 s, 5 hours for this schedule), 15
+    # Width 16 (a D + G step takes about 1.0 s on both cores; width 32 took 3.4 s, 5 hours for this schedule), 15
     # epochs = 4,230 steps, about 75 minutes (the DDPM preset trains 1.5 hours). Not run yet: its accuracy is owed.
     "cpu_iclevr": dict(device="cpu", dataset="iclevr", image_size=32, output_size=64, ch=16, batch_size=64,
                        epochs=15, ema_decay=0.999, test_sets=4, out="runs/gan_iclevr_cpu"),
