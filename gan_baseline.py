@@ -811,12 +811,15 @@ def main(argv=None):
     if args.dataset == "iclevr":
         metrics.update(accuracy={}, results={}, evaluators=args.evaluator_dir, image_size=args.image_size,
                        output_size=args.output_size)
+        generated, generate_seconds = 0, 0.0  # the generator's time alone, not the evaluators'
         for name, conditions in tests.items():
             draws = {d: [] for d in evaluators}
             for k in range(args.test_sets):
+                t1 = time.time()
                 images = to_uint8(to_output_size(generate_images(G_ema, len(conditions), args.z_dim, g,
                                                                  args.sample_batch_size, labels=conditions),
                                                  args.output_size))
+                generated, generate_seconds = generated + len(images), generate_seconds + time.time() - t1
                 if k == 0:  # the first set is the hand-in
                     png = os.path.splitext(os.path.basename(name))[0] + ".png"
                     make_grid(images, nrow=8).save(os.path.join(args.out, png))
@@ -830,6 +833,8 @@ def main(argv=None):
                                             "by_evaluator": {d: spread(v) for d, v in draws.items()}}
                 say(f"accuracy on {name}: {first[0]:.4f} ({len(conditions)} conditions)"
                     + (f"; {len(first)} sets: {np.mean(first):.4f} +- {np.std(first, ddof=1):.4f}" if len(first) > 1 else ""))
+        metrics.update(num_samples=generated, sample_seconds=round(generate_seconds, 2),
+                       samples_per_second=round(generated / max(generate_seconds, 1e-9), 1))
         if not evaluators:
             say("note: accuracy skipped; pass --evaluator-dir DIR, the folder holding the course's evaluator.py "
                 "and checkpoint.pth")

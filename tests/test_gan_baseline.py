@@ -351,6 +351,7 @@ def test_tiny_iclevr_run_with_evaluator(tmp_path, data, monkeypatch, capsys):
         assert Image.open(out / name).size == (8 * 66 + 2, 4 * 66 + 2)  # 32 conditions, 8 per row, 64 px
     assert set(metrics["accuracy"]) == {"test.json", "new_test.json"}
     assert all(0 <= a <= 1 for a in metrics["accuracy"].values())
+    assert metrics["num_samples"] == 2 * 32 and metrics["samples_per_second"] > 0  # one set per file, timed
     assert not (out / "samples").exists()
     assert "accuracy on test.json" in capsys.readouterr().out
 
