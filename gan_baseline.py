@@ -83,8 +83,8 @@ PRESETS = {
     "cpu": dict(device="cpu", ch=12, batch_size=64, limit=30000, epochs=7, ema_decay=0.998, num_samples=2000,
                 fid_ref_limit=10000, out="runs/gan_cpu"),
     # The conditional GAN on iCLEVR on a 2-core CPU: 32x32 images upsampled to 64 for the evaluator, as the DDPM's.
-    # Width 16 (a D + G step takes about 1.1 s on both cores; width 32 took 3.4 s), 10 epochs = 2,820 steps, about
-    # 53 minutes (the DDPM preset trains 1.5 hours). Measured in the README (iCLEVR section).
+    # Width 16 (a D + G step takes about 1.1 s on both cores; width 32 took 3.4 s), 10 epochs = 2,820 steps: about
+    # 51 minutes of training, measured (README, iCLEVR section; the DDPM preset trains 1.5 hours).
     "cpu_iclevr": dict(device="cpu", dataset="iclevr", image_size=32, output_size=64, ch=16, batch_size=64,
                        epochs=10, ema_decay=0.999, test_sets=4, out="runs/gan_iclevr_cpu"),
 }
