@@ -6,8 +6,10 @@ What it measures
      evaluator (DDIM 50 steps, into OUT/train/accuracy.csv: accuracy against epoch and seconds of training).
   2. The final checkpoint resampled at each classifier-free guidance scale, --num-samples independent sets of the
      32 images per test file (different seeds): accuracy as mean +- std over the sets, by every evaluator given.
-  3. Classifier guidance (Dhariwal & Nichol) by one evaluator, graded by both: a gain that only the guiding
-     evaluator sees is not a gain. Run only with two evaluators (--evaluator-dir A --judge-dir B).
+  3. Classifier guidance (Dhariwal & Nichol) by our own classifier (trained on the training images after the
+     DDPM, --classifier-epochs; what the CPU preset samples with), graded by every evaluator.
+  4. Classifier guidance by one evaluator, graded by both: a gain that only the guiding evaluator sees is not a
+     gain. Run only with two evaluators (--evaluator-dir A --judge-dir B).
 The iCLEVR stand-in: ../shared/iclevr_like/ (make_iclevr_like.py DIR --seed S writes the data in the course's
 formats; evaluator/ is a judge trained on seed 0's renders; train_iclevr_evaluator.py trains a second, independent
 one on another seed's renders). On the course's real files and evaluator the numbers may differ.
@@ -23,6 +25,9 @@ Commands (from the repository root)
   python benchmarks/cond_iclevr.py --preset cpu --data-dir data/iclevr_s0 --evaluator-dir ../shared/iclevr_like/evaluator \\
       --judge-dir data/evaluator_s1 --eta 1 --guidance 1 2 3 --classifier-guidance 3   # resampled with DDIM eta 1
   python benchmarks/cond_iclevr.py --summarise-only --out runs/bench_cond_iclevr_cpu       # the table again
+  python cond_iclevr.py --preset cpu --data-dir data/iclevr_s0 --sample-only --ckpt runs/bench_cond_iclevr_cpu/train/ckpt.pt \
+      --test-files ../iclevr_s1/new_test.json --evaluator-dir ../shared/iclevr_like/evaluator data/evaluator_s1 \
+      --classifier-guidance 2 --out runs/bench_cond_iclevr_cpu/tune_2    # choosing S on conditions not reported
 """
 import argparse
 import csv
@@ -36,11 +41,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # The flags of each preset's training run (cond_iclevr.py's own --preset for the CPU).
-TRAIN = {"cpu": ["--preset", "cpu", "--eval-every", "2"], "gpu": ["--epochs", "200", "--eval-every", "10"]}
+TRAIN = {"cpu": ["--preset", "cpu", "--eval-every", "2"],
+         "gpu": ["--epochs", "200", "--eval-every", "10", "--classifier-epochs", "12", "--classifier-guidance", "4"]}
 # The resampling runs take the preset's sampler too (--sample-only reads only the model's flags from the checkpoint).
 SAMPLE = {"cpu": ["--preset", "cpu"], "gpu": []}
 GUIDANCE = {"cpu": [1.0, 2.0, 3.0, 4.0], "gpu": [1.0, 1.5, 2.0, 3.0, 4.0]}
 CLASSIFIER_GUIDANCE = [0.3, 1.0, 3.0]
+OWN_CLASSIFIER_GUIDANCE = [2.0, 4.0, 8.0]
 
 
 def build_parser():
@@ -53,6 +60,8 @@ def build_parser():
     p.add_argument("--guidance", type=float, nargs="+", default=None, help="classifier-free guidance scales resampled")
     p.add_argument("--classifier-guidance", type=float, nargs="*", default=CLASSIFIER_GUIDANCE,
                    help="classifier-guidance scales (with --judge-dir)")
+    p.add_argument("--own-guidance", type=float, nargs="*", default=OWN_CLASSIFIER_GUIDANCE,
+                   help="scales of guidance by our own classifier (the training run's --classifier-epochs)")
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM eta of the resampled runs (default the preset's; their folders get an _eta suffix)")
     p.add_argument("--num-samples", type=int, default=4, help="independent sets of 32 images per file and scale")
@@ -93,9 +102,11 @@ def benchmark(args):
         timing_path.write_text(json.dumps(timing, indent=2))
     common = [*SAMPLE[args.preset], "--data-dir", args.data_dir, "--sample-only", "--ckpt", train_dir / "ckpt.pt", "--num-samples",
               args.num_samples, "--evaluator-dir", *judges]
-    runs = [(f"guidance_{s:g}", ["--guidance", s]) for s in args.guidance]
+    runs = [(f"guidance_{s:g}", ["--guidance", s, "--classifier-guidance", 0]) for s in args.guidance]
+    best = 2.0 if 2.0 in args.guidance else args.guidance[0]
+    if json.loads((train_dir / "metrics.json").read_text()).get("classifier"):  # else they would guide with A
+        runs += [(f"own_classifier_{c:g}", ["--guidance", best, "--classifier-guidance", c]) for c in args.own_guidance]
     if args.judge_dir:
-        best = 2.0 if 2.0 in args.guidance else args.guidance[0]
         for guide in (args.evaluator_dir, args.judge_dir):
             tag = "A" if guide == args.evaluator_dir else "B"
             runs += [(f"classifier_{tag}_{c:g}", ["--guidance", best, "--classifier-guidance", c, "--guide-dir", guide])
