@@ -595,6 +595,7 @@ def train(args, data, labels, model, ema, optimizer, sched, device, state, after
     net = parallel_model(model, args, device, n)
     model.train()
     progress = Progress(state["step"], total)
+    start = time.time() - state["train_seconds"]  # the training clock goes on from where a resumed run stopped
     with CtrlC() as ctrl_c:
         while state["step"] < total:
             if state["epoch_perm"] is None:
@@ -617,6 +618,7 @@ def train(args, data, labels, model, ema, optimizer, sched, device, state, after
             ema.update_parameters(model)
             state["losses"].append(mean_over_processes(loss))
             state["step"] += 1
+            state["train_seconds"] = time.time() - start
             state["batch_in_epoch"] += 1
             if state["batch_in_epoch"] == iters_per_epoch:
                 state["epoch"] += 1
@@ -664,6 +666,8 @@ def main(argv=None):
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "epoch_perm": None, "losses": []}
     if saved is not None:
         restore_run(saved, args, model, ema, optimizer, state)
+    # Seconds of training over every resume: kept in the checkpoint, so a resumed run reports its whole training.
+    state["train_seconds"] = float(saved.get("train_seconds", 0.0)) if saved is not None else 0.0
     say(f"class-conditional UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}; "
         f"labels: 0 = null, {', '.join(f'{k} = {name}' for k, name in enumerate(args.classes, start=1))}")
 
@@ -674,7 +678,7 @@ def main(argv=None):
         warn_if_slow_on_cpu(args, model, sched, data[:args.batch_size], device, math.ceil(len(data) / args.batch_size),
                             y=labels[:args.batch_size].to(device))
         train(args, data, labels, model, ema, optimizer, sched, device, state)
-        metrics.update(train_seconds=round(time.time() - t0, 1), steps=state["step"], epochs=state["epoch"],
+        metrics.update(train_seconds=round(state["train_seconds"], 1), steps=state["step"], epochs=state["epoch"],
                        train_images=len(data))
         write_loss(args, {"training loss": state["losses"]},
                    f"classifier-free guidance: training loss ({num_classes} classes, batch {args.batch_size})")

@@ -555,6 +555,7 @@ def train(args, pool, model, ema, optimizer, sched, device, state):
     net = parallel_model(model, args, device, args.batch_size)
     model.train()
     progress = Progress(state["step"], args.iters)
+    start = time.time() - state["train_seconds"]  # the training clock goes on from where a resumed run stopped
     with CtrlC() as ctrl_c:
         while state["step"] < args.iters:
             x0 = pool[torch.randint(len(pool), (args.batch_size,))].to(device)
@@ -571,6 +572,7 @@ def train(args, pool, model, ema, optimizer, sched, device, state):
             ema.update_parameters(model)
             state["losses"].append(mean_over_processes(loss))
             state["step"] += 1
+            state["train_seconds"] = time.time() - start
             if state["step"] % args.ckpt_every == 0 or state["step"] == args.iters:
                 save_run(args, model, ema, optimizer, state)
             progress.show(state, f"loss {np.mean(state['losses'][-100:]):.4f}", args.batch_size)
@@ -608,6 +610,8 @@ def main(argv=None):
     state = {"step": 0, "losses": []}
     if saved is not None:
         restore_run(saved, args, model, ema, optimizer, state)
+    # Seconds of training over every resume: kept in the checkpoint, so a resumed run reports its whole training.
+    state["train_seconds"] = float(saved.get("train_seconds", 0.0)) if saved is not None else 0.0
     say(f"MLP {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters on {device}; {args.data}, "
         f"T = {args.timesteps}")
 
@@ -619,7 +623,7 @@ def main(argv=None):
         t0, cpu0 = time.time(), time.process_time()
         train(args, pool, model, ema, optimizer, sched, device, state)
         # CPU seconds too: on a shared machine the wall time grows with the load, the CPU time hardly does
-        metrics.update(train_seconds=round(time.time() - t0, 1), train_cpu_seconds=round(time.process_time() - cpu0, 1),
+        metrics.update(train_seconds=round(state["train_seconds"], 1), train_cpu_seconds=round(time.process_time() - cpu0, 1),
                        iters=state["step"])
         write_loss(args, {"training loss": state["losses"]}, f"diffusion loss ({args.data}, batch {args.batch_size})")
     if rank() != 0:

@@ -518,6 +518,7 @@ def train(args, data, model, ema, optimizer, sched, device, state):
     net = parallel_model(model, args, device, n)
     model.train()
     progress = Progress(state["step"], total)
+    start = time.time() - state["train_seconds"]  # the training clock goes on from where a resumed run stopped
     with CtrlC() as ctrl_c:
         while state["step"] < total:
             if state["epoch_perm"] is None:
@@ -539,6 +540,7 @@ def train(args, data, model, ema, optimizer, sched, device, state):
             ema.update_parameters(model)
             state["losses"].append(mean_over_processes(loss))
             state["step"] += 1
+            state["train_seconds"] = time.time() - start
             state["batch_in_epoch"] += 1
             if state["batch_in_epoch"] == iters_per_epoch:
                 state["epoch"] += 1
@@ -577,6 +579,8 @@ def main(argv=None):
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "epoch_perm": None, "losses": []}
     if saved is not None:
         restore_run(saved, args, model, ema, optimizer, state)
+    # Seconds of training over every resume: kept in the checkpoint, so a resumed run reports its whole training.
+    state["train_seconds"] = float(saved.get("train_seconds", 0.0)) if saved is not None else 0.0
     say(f"UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
 
     eps_fn = make_eps_fn(ema.module.eval(), device)
@@ -590,7 +594,7 @@ def main(argv=None):
     if not args.sample_only:
         warn_if_slow_on_cpu(args, model, sched, data[:args.batch_size], device, steps_per_epoch=math.ceil(len(data) / args.batch_size))
         train(args, data, model, ema, optimizer, sched, device, state)
-        metrics.update(train_seconds=round(time.time() - t0, 1), steps=state["step"], epochs=state["epoch"])
+        metrics.update(train_seconds=round(state["train_seconds"], 1), steps=state["step"], epochs=state["epoch"])
         write_loss(args, {"training loss": state["losses"]}, f"DDPM training loss ({args.dataset}, batch {args.batch_size})")
     if args.num_samples == 0:
         write_metrics(os.path.join(args.out, "metrics.json"), {**metrics, "args": vars(args)})

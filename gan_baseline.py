@@ -671,6 +671,7 @@ def train(args, data, labels, G, D, ema, opt_g, opt_d, device, state):
     G_train, D_train = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
     G.train(), D.train()
     progress = Progress(state["step"], total)
+    start = time.time() - state["train_seconds"]  # the training clock goes on from where a resumed run stopped
     with CtrlC() as ctrl_c:
         while state["step"] < total:
             if state["epoch_perm"] is None:
@@ -681,6 +682,7 @@ def train(args, data, labels, G, D, ema, opt_g, opt_d, device, state):
             y = None if labels is None else labels[idx].to(device)
             d_loss = discriminator_step(G_train, D_train, opt_d, my_share(x), None if y is None else my_share(y), args, device)
             state["step"] += 1
+            state["train_seconds"] = time.time() - start
             state["batch_in_epoch"] += 1
             if state["step"] % args.n_dis == 0:
                 g_loss = generator_step(G_train, D_train, opt_g, None if y is None else my_share(y), len(my_share(x)),
@@ -779,6 +781,8 @@ def main(argv=None):
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "epoch_perm": None, "d_losses": [], "g_losses": []}
     if saved is not None:
         restore_run(saved, args, G, D, ema, opt_g, opt_d, state)
+    # Seconds of training over every resume: kept in the checkpoint, so a resumed run reports its whole training.
+    state["train_seconds"] = float(saved.get("train_seconds", 0.0)) if saved is not None else 0.0
     say(f"{args.arch} G {sum(p.numel() for p in G.parameters()) / 1e6:.2f}M and D "
         f"{sum(p.numel() for p in D.parameters()) / 1e6:.2f}M parameters on {device}")
 
@@ -788,7 +792,7 @@ def main(argv=None):
     if not args.sample_only:
         warn_if_slow_on_cpu(args, G, D, data[:args.batch_size], labels, device, math.ceil(len(data) / args.batch_size))
         train(args, data, labels, G, D, ema, opt_g, opt_d, device, state)
-        metrics.update(train_seconds=round(time.time() - t0, 1), d_steps=state["step"],
+        metrics.update(train_seconds=round(state["train_seconds"], 1), d_steps=state["step"],
                        g_steps=len(state["g_losses"]), epochs=state["epoch"])
         write_loss(args, {"d_loss": state["d_losses"], "g_loss": state["g_losses"]},
                    f"GAN losses ({args.arch}, {args.loss}, {args.dataset}, batch {args.batch_size}, one point per G step)")
@@ -1156,7 +1160,7 @@ def save_run(args, G, D, ema, opt_g, opt_d, state):
             "script": SCRIPT, "G": G.state_dict(), "D": D.state_dict(), "ema": ema.module.state_dict(),
             "ema_updates": ema.updates, "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "args": vars(args),
             "rng": rng_state(), "d_losses": torch.tensor(state["d_losses"]), "g_losses": torch.tensor(state["g_losses"]),
-            **{k: state[k] for k in ("step", "epoch", "batch_in_epoch", "epoch_perm")}})
+            **{k: state[k] for k in ("step", "epoch", "batch_in_epoch", "epoch_perm", "train_seconds")}})
 
 
 def restore_run(saved, args, G, D, ema, opt_g, opt_d, state):

@@ -105,3 +105,5 @@ def test_ctrl_c_mid_epoch_resumes_to_the_same_run(name, data, tmp_path, monkeypa
     first = next(iter(a[opt_key]["state"]))
     assert torch.equal(a[opt_key]["state"][first]["exp_avg"], b[opt_key]["state"][first]["exp_avg"])
     assert torch.equal(a["rng"]["cpu"], b["rng"]["cpu"])
+    # the training clock goes on over --resume: the resumed run's seconds include those before the interruption
+    assert 0 < interrupted["train_seconds"] < b["train_seconds"]
