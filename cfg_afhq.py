@@ -624,7 +624,9 @@ def train(args, data, labels, model, ema, optimizer, sched, device, state, after
                 state["epoch"] += 1
                 state["batch_in_epoch"], state["epoch_perm"] = 0, None
                 if after_epoch is not None:  # first, so that the checkpoint holds what it records
+                    graded = time.time()
                     after_epoch(state)
+                    start += time.time() - graded  # grading during training is not training
                 save_run(args, model, ema, optimizer, state)
             progress.show(state, f"loss {np.mean(state['losses'][-50:]):.4f}", bs, iters_per_epoch)
             if ctrl_c.stop_requested():

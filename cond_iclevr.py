@@ -800,7 +800,7 @@ def top_k_accuracy(net, images, y, device):
     return hits / max(1, int(y.sum()))
 
 
-def load_classifier(saved, num_classes, image_size, device):
+def load_object_classifier(saved, num_classes, image_size, device):
     net = ObjectClassifier(num_classes, image_size).to(device)
     net.load_state_dict(saved["weights"])
     return net.eval().requires_grad_(False)
@@ -906,7 +906,7 @@ def main(argv=None):
             guide = evaluator_network(evaluators[guide_name])
         else:
             guide_name = "own classifier"
-            guide = load_classifier(state["classifier"], len(objects), args.image_size, device)
+            guide = load_object_classifier(state["classifier"], len(objects), args.image_size, device)
 
     # The denoising process of one condition: a row of 8 frames, pure noise to the final image.
     _, frames = sample_for_conditions(eps_model, sched, y_process, args, timesteps, args.seed, guide, record=56)
