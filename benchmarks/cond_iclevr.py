@@ -20,7 +20,7 @@ Commands (from the repository root)
   python ../shared/iclevr_like/make_iclevr_like.py data/iclevr_s1 --seed 1 --workers 2
   python ../shared/iclevr_like/train_iclevr_evaluator.py data/iclevr_s1 data/evaluator_s1 --seed 1 --epochs 6 --threads 2
   python benchmarks/cond_iclevr.py --preset cpu --data-dir data/iclevr_s0 --evaluator-dir ../shared/iclevr_like/evaluator \\
-      --judge-dir data/evaluator_s1                          # the README's CPU table (2-core CPU, about 2 hours)
+      --judge-dir data/evaluator_s1      # the README's CPU table (2-core CPU: the training run about 100 min, then 2-6 min per setting)
   python benchmarks/cond_iclevr.py --preset gpu --data-dir file --evaluator-dir file       # the course's files, a GPU
   python benchmarks/cond_iclevr.py --preset cpu --data-dir data/iclevr_s0 --evaluator-dir ../shared/iclevr_like/evaluator \\
       --judge-dir data/evaluator_s1 --eta 1 --guidance 1 2 3 --classifier-guidance 3   # resampled with DDIM eta 1
