@@ -814,11 +814,12 @@ def main(argv=None):
     start_distributed(args)
     device = torch.device(args.device)
     saved = load_run(args) if (args.resume or args.sample_only) else None
+    # Checked here, not in check_args: whether a classifier can guide is known once the checkpoint is read.
     has_classifier = saved is not None and saved.get("classifier") is not None
     if args.classifier_guidance > 0 and not (args.guide_dir or args.evaluator_dir or has_classifier
                                              or (args.classifier_epochs > 0 and not args.sample_only)):
-        fail(f"--classifier-guidance needs a classifier: {args.ckpt} holds none (train ours with --classifier-epochs) "
-             f"and no --evaluator-dir was given")
+        fail("--classifier-guidance needs a classifier: train ours with --classifier-epochs (or sample from a "
+             "checkpoint that holds one), or pass --evaluator-dir")
 
     # Every input is checked before any work starts and before anything is written.
     objects = load_objects(objects_file(args.data_dir, args.objects))
@@ -1040,9 +1041,6 @@ def check_args(args):
              f"use --guidance 1 or --label-dropout 0.1"),
         at_least("--classifier-guidance", args.classifier_guidance, 0),
         at_least("--classifier-epochs", args.classifier_epochs, 0),
-        must(args.classifier_guidance == 0 or args.guide_dir or args.evaluator_dir or args.classifier_epochs > 0
-             or args.sample_only or args.resume,
-             "--classifier-guidance needs a classifier: train ours with --classifier-epochs, or pass --evaluator-dir"),
         at_least("--eval-every", args.eval_every, 0),
         must(args.eval_every == 0 or args.evaluator_dir, "--eval-every needs the course's evaluator: pass --evaluator-dir"),
         between("--eval-steps", args.eval_steps, 1, args.timesteps),

@@ -620,7 +620,7 @@ def main(argv=None):
                "reference": f"{args.num_points} fresh points (numpy seed [{args.seed}, 1]), normalised with the "
                             f"training pool's mean and std"}
     if not args.sample_only:
-        t0, cpu0 = time.time(), time.process_time()
+        cpu0 = time.process_time()
         train(args, pool, model, ema, optimizer, sched, device, state)
         # CPU seconds too: on a shared machine the wall time grows with the load, the CPU time hardly does
         metrics.update(train_seconds=round(state["train_seconds"], 1), train_cpu_seconds=round(time.process_time() - cpu0, 1),
