@@ -42,7 +42,7 @@ The maths (t runs over {0, ..., T-1}; the DDPM parts are ddpm_mnist.py's, unchan
                         log p(y | x_t) := log p(y | x0_hat(x_t)),  x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
                     with eps held fixed (no gradient through the diffusion model), so that
                         grad_{x_t} = grad_{x0_hat} / sqrt(abar_t):  strong while the layout forms, weak at the end.
-                    The classifier is our own ObjectClassifier, trained on the training images after the DDPM
+                    The classifier is our own ObjectClassifier, trained on the training images before the DDPM
                     (--classifier-epochs; it needs no evaluator), or an evaluator folder (--guide-dir). Grading with
                     the network that guided the samples flatters the number: --evaluator-dir takes a second,
                     independent judge, and --guide-dir chooses the guiding one.
@@ -52,7 +52,7 @@ The maths (t runs over {0, ..., T-1}; the DDPM parts are ddpm_mnist.py's, unchan
 Commands
 --------
   python cond_iclevr.py --data-dir file --evaluator-dir file                    # the homework on a GPU
-  python cond_iclevr.py --preset cpu --data-dir file --evaluator-dir file       # a 2-core CPU, about 100 minutes
+  python cond_iclevr.py --preset cpu --data-dir file --evaluator-dir file       # a 2-core CPU, about 64-96 minutes
   python cond_iclevr.py --data-dir file --classifier-epochs 12 --classifier-guidance 4   # guided by our classifier
   python cond_iclevr.py --data-dir file --evaluator-dir file --sample-only --guidance 3    # resample, regrade
   python cond_iclevr.py --data-dir file --evaluator-dir file --epochs 300 --eval-every 10  # accuracy.csv per 10 epochs
@@ -85,7 +85,8 @@ SCRIPT = "cond_iclevr"  # written into every checkpoint, so that another script'
 # A preset changes defaults only; an explicit flag still wins. Measured numbers are in the README.
 PRESETS = {
     # Sized for a 2-core CPU: 32x32 images upsampled to 64 for the evaluator, a narrow UNet, DDIM with 50 steps and
-    # eta = 1 (eta = 0 left coloured speckle), then our own classifier (12 epochs, about 13 minutes) to guide with.
+    # eta = 1 (eta = 0 left coloured speckle), and our own classifier to guide with (12 epochs, 6 to 13 minutes,
+    # trained first).
     # The DDPM alone reaches about 0.55 (CFG s = 3 was its best). The classifier's scale S = 4 (with CFG s = 2) was
     # chosen on a third file of conditions, seed 1's new_test.json (S = 2, 4, 8: 0.854 / 0.833, 0.854 / 0.869,
     # 0.804 / 0.777 by the two judges), not on the files the README reports.
@@ -157,7 +158,7 @@ def build_parser():
     a("--guide-dir", default=None,
       help="an evaluator folder for --classifier-guidance (default: our classifier if trained, else the first evaluator)")
     a("--classifier-epochs", type=int, default=0,
-      help="after the DDPM, train our own object classifier for E epochs (kept in ckpt.pt) to guide with")
+      help="before the DDPM, train our own object classifier for E epochs (kept in ckpt.pt) to guide with")
     a("--eval-every", type=int, default=0, help="during training, grade every K epochs into OUT/accuracy.csv")
     a("--eval-steps", type=int, default=None, help="DDIM steps of the images graded during training (default 50)")
     a("--save-as", nargs="+", default=None, metavar="OUTPUT=FILE",
@@ -741,8 +742,8 @@ def train_classifier(args, data, labels, device):
     cross-entropy per object, AdamW with a cosine learning rate, mirrored images (a mirrored scene holds the same
     objects), and half of each batch blurred, because guidance reads the classifier at x0_hat, a blurred scene
     while the layout forms. The last 5% of the images (at most 900) are held out for the course's top-k accuracy.
-    Seeded by --seed on its own, so it comes out the same straight after the DDPM or on --resume. Returns what
-    the checkpoint keeps."""
+    Seeded by --seed on its own, so it comes out the same in a fresh run or on --resume, and the DDPM's training
+    is the same with it or without it. Returns what the checkpoint keeps."""
     t0 = time.time()
     held = min(900, len(data) // 20)
     train_idx, held_idx = torch.arange(len(data) - held), torch.arange(len(data) - held, len(data))
@@ -766,8 +767,8 @@ def train_classifier(args, data, labels, device):
             loss.backward()
             optimizer.step()
             if ctrl_c.stop_requested():
-                say(f"\ninterrupted while training the classifier; {args.out}/ckpt.pt holds the DDPM: --resume "
-                    f"trains the classifier again")
+                say("\ninterrupted while training the classifier, which is saved only once trained: the same "
+                    "command trains it again")
                 sys.exit(130)
             if (step + 1) % iters_per_epoch == 0 or step + 1 == total:
                 accuracy = top_k_accuracy(net, data[held_idx], labels[held_idx], device) if held else None
@@ -801,7 +802,8 @@ def top_k_accuracy(net, images, y, device):
 
 
 def load_object_classifier(saved, num_classes, image_size, device):
-    net = ObjectClassifier(num_classes, image_size).to(device)
+    with torch.random.fork_rng():  # its random first weights are replaced at once: the run's random state stays
+        net = ObjectClassifier(num_classes, image_size).to(device)
     net.load_state_dict(saved["weights"])
     return net.eval().requires_grad_(False)
 
@@ -857,6 +859,21 @@ def main(argv=None):
     state["classifier"] = saved.get("classifier") if saved is not None else None  # ours, once trained
     say(f"UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}, {len(objects)} objects")
 
+    # Our classifier first: it does not need the DDPM, and grading during training can then guide with it, as the
+    # final samples will be guided. Every process trains the same one (same seed); rank 0 saves it.
+    if args.classifier_epochs > 0 and state["classifier"] is None and not args.sample_only:
+        state["classifier"] = train_classifier(args, data, labels, device)
+        save_run(args, model, ema, optimizer, state)
+    # Classifier guidance: by the evaluator --guide-dir names, else by our classifier, else by the first evaluator.
+    guide, guide_name = None, None
+    if args.classifier_guidance > 0 and rank() == 0:  # rank 0 alone samples (evaluators are loaded there only)
+        if args.guide_dir or state["classifier"] is None:
+            guide_name = args.guide_dir or args.evaluator_dir[0]
+            guide = evaluator_network(evaluators[guide_name])
+        else:
+            guide_name = "own classifier"
+            guide = load_object_classifier(state["classifier"], len(objects), args.image_size, device)
+
     eps_model = ema.module.eval()
     graders = {d: e for d, e in evaluators.items() if d in (args.evaluator_dir or [])}
     steps = args.steps or args.timesteps
@@ -864,23 +881,24 @@ def main(argv=None):
     t0 = time.time()
 
     def grade_during_training(state):
-        """After every --eval-every epochs: DDIM images for each test file, graded by the first evaluator. No
-        classifier guidance: the curve follows the DDPM itself."""
+        """After every --eval-every epochs: images for each test file as the final samples will be made (DDIM with
+        --eval-steps, the run's eta and guidance, classifier guidance included), graded by the first evaluator."""
         if not args.eval_every or state["epoch"] % args.eval_every or rank() != 0 or not graders:
             return
         eval_steps = args.eval_steps or min(50, args.timesteps)
-        eval_args = argparse.Namespace(**{**vars(args), "sampler": "ddim", "eta": 0.0})
+        eval_args = argparse.Namespace(**{**vars(args), "sampler": "ddim"})
         row = [state["epoch"], state["step"], round(state["train_seconds"])]
         for k, (stem, (_, y)) in enumerate(tests.items()):
             x = sample_for_conditions(eps_model, sched, y, eval_args, sampling_timesteps(args.timesteps, eval_steps),
-                                      args.seed + 1000 * k)
+                                      args.seed + 1000 * k, guide)
             row.append(evaluate(next(iter(graders.values())), to_uint8(to_output_size(x, args.output_size)), y)[0])
         csv_path = os.path.join(args.out, "accuracy.csv")
         new = not os.path.isfile(csv_path)
         with open(csv_path, "a", newline="") as fh:
             csv.writer(fh).writerows(([["epoch", "step", "train_seconds", *tests]] if new else []) + [row])
         say(f"epoch {state['epoch']}: accuracy " + ", ".join(f"{s} {a:.3f}" for s, a in zip(tests, row[3:]))
-            + f" (DDIM {eval_steps} steps, guidance {args.guidance})")
+            + f" (DDIM {eval_steps} steps, eta {args.eta:g}, guidance {args.guidance:g}, classifier guidance "
+            + (f"{args.classifier_guidance:g} by {guide_name})" if guide is not None else "0)"))
 
     metrics = {"device": str(device), "hardware": device_name(device), "torch": torch.__version__, "processes": world_size(),
                "checkpoint_epoch": state["epoch"]}
@@ -893,21 +911,8 @@ def main(argv=None):
         write_loss(args, {"training loss": state["losses"]}, f"conditional DDPM training loss (iCLEVR, batch {args.batch_size})")
     if rank() != 0:
         return None  # 32 images per test file: rank 0 samples, writes and grades them alone
-    if args.classifier_epochs > 0 and state["classifier"] is None and not args.sample_only:
-        state["classifier"] = train_classifier(args, data, labels, device)
-        save_run(args, model, ema, optimizer, state)
     if state["classifier"] is not None:
         metrics["classifier"] = {k: v for k, v in state["classifier"].items() if k != "weights"}
-
-    # Classifier guidance: by the evaluator --guide-dir names, else by our classifier, else by the first evaluator.
-    guide, guide_name = None, None
-    if args.classifier_guidance > 0:
-        if args.guide_dir or state["classifier"] is None:
-            guide_name = args.guide_dir or args.evaluator_dir[0]
-            guide = evaluator_network(evaluators[guide_name])
-        else:
-            guide_name = "own classifier"
-            guide = load_object_classifier(state["classifier"], len(objects), args.image_size, device)
 
     # The denoising process of one condition: a row of 8 frames, pure noise to the final image.
     _, frames = sample_for_conditions(eps_model, sched, y_process, args, timesteps, args.seed, guide, record=56)

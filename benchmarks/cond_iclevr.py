@@ -3,10 +3,11 @@
 What it measures
 ----------------
   1. One training run, `cond_iclevr.py --preset P`, graded every --eval-every epochs during training by the first
-     evaluator (DDIM 50 steps, into OUT/train/accuracy.csv: accuracy against epoch and seconds of training).
+     evaluator (DDIM 50 steps with the preset's eta and guidance, our classifier's included, into
+     OUT/train/accuracy.csv: accuracy against epoch and seconds of training).
   2. The final checkpoint resampled at each classifier-free guidance scale, --num-samples independent sets of the
      32 images per test file (different seeds): accuracy as mean +- std over the sets, by every evaluator given.
-  3. Classifier guidance (Dhariwal & Nichol) by our own classifier (trained on the training images after the
+  3. Classifier guidance (Dhariwal & Nichol) by our own classifier (trained on the training images before the
      DDPM, --classifier-epochs; what the CPU preset samples with), graded by every evaluator.
   4. Classifier guidance by one evaluator, graded by both: a gain that only the guiding evaluator sees is not a
      gain. Run only with two evaluators (--evaluator-dir A --judge-dir B).
@@ -20,7 +21,9 @@ Commands (from the repository root)
   python ../shared/iclevr_like/make_iclevr_like.py data/iclevr_s1 --seed 1 --workers 2
   python ../shared/iclevr_like/train_iclevr_evaluator.py data/iclevr_s1 data/evaluator_s1 --seed 1 --epochs 6 --threads 2
   python benchmarks/cond_iclevr.py --preset cpu --data-dir data/iclevr_s0 --evaluator-dir ../shared/iclevr_like/evaluator \\
-      --judge-dir data/evaluator_s1      # the README's CPU table (2-core CPU: the training run about 100 min, then 2-6 min per setting)
+      --judge-dir data/evaluator_s1      # every setting (2-core CPU: the training run 64-96 min, then 2-6 min per setting)
+  python benchmarks/cond_iclevr.py --preset cpu --data-dir data/iclevr_s0 --evaluator-dir ../shared/iclevr_like/evaluator \\
+      --judge-dir data/evaluator_s1 --guidance 3 --own-guidance --classifier-guidance   # the README's from-scratch run
   python benchmarks/cond_iclevr.py --preset gpu --data-dir file --evaluator-dir file       # the course's files, a GPU
   python benchmarks/cond_iclevr.py --preset cpu --data-dir data/iclevr_s0 --evaluator-dir ../shared/iclevr_like/evaluator \\
       --judge-dir data/evaluator_s1 --eta 1 --guidance 1 2 3 --classifier-guidance 3   # resampled with DDIM eta 1

@@ -205,17 +205,26 @@ def test_tiny_run_writes_every_output(mini, tmp_path, capsys):
     assert min(metrics["accuracy"].values()) < 0.5  # unguided, the tiny model's pixels are nowhere near that
 
 
-def test_our_classifier_trains_after_the_ddpm_is_kept_and_guides_without_an_evaluator(mini, tmp_path):
-    """--classifier-epochs: trained after the DDPM into ckpt.pt (loadable as data), the same on --resume as
-    straight after training, and --classifier-guidance then guides with it, no evaluator needed."""
+def test_our_classifier_trains_before_the_ddpm_is_kept_and_guides_without_an_evaluator(mini, tmp_path):
+    """--classifier-epochs: trained before the DDPM into ckpt.pt (loadable as data), the same on --resume of a DDPM
+    trained without it, and --classifier-guidance then guides with it, no evaluator needed. Grading during
+    training makes its images as the final ones are made, guidance included."""
     root, _, _ = mini
-    common = ["--data-dir", str(root), "--image-size", "16", "--test-files", "test.json", "--guidance", "1", *TINY]
+    common = ["--data-dir", str(root), "--image-size", "16", "--test-files", "test.json", "--guidance", "1",
+              "--sampler", "ddim", "--steps", "8", "--eta", "1", *TINY]
+    folder = write_stand_in_evaluator(tmp_path / "evaluator")
     straight = ci.main([*common, "--out", str(tmp_path / "a"), "--epochs", "1", "--classifier-epochs", "2",
-                        "--classifier-guidance", "5"])
+                        "--classifier-guidance", "5", "--evaluator-dir", str(folder), "--eval-every", "1"])
     assert straight["guide_dir"] == "own classifier" and straight["classifier"]["epochs"] == 2
+    during, final = [c for c in stand_in_calls(str(folder)) if len(c["images"]) == 32]  # epoch 1's, the hand-in's
+    assert torch.equal(during["images"], final["images"])
+    rows = list(csv.reader(open(tmp_path / "a" / "accuracy.csv")))
+    assert float(rows[1][3]) == pytest.approx(straight["accuracy"]["test"])
     ci.main([*common, "--out", str(tmp_path / "b"), "--epochs", "1"])
     ci.main([*common, "--out", str(tmp_path / "b"), "--epochs", "1", "--resume", "--classifier-epochs", "2"])
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["classifier"]["weights"] for d in "ab")
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])  # the DDPM is the same with it or without
+    a, b = a["classifier"]["weights"], b["classifier"]["weights"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # seeded on its own
     pngs = {}
     for scale in ("0", "5"):

@@ -118,7 +118,8 @@ def test_the_other_scripts_run_under_torchrun_and_write_once(tmp_path):
                         "--warmup", "1", "--dropout", "0"],
         "cond_iclevr.py": ["--data-dir", iclevr, "--image-size", "16", "--output-size", "16", "--ch-mult", "1", "1",
                            "--num-res-blocks", "1", "--attn-res", "0", "--timesteps", "8", "--schedule", "cosine",
-                           "--warmup", "1", "--sampler", "ddim", "--steps", "4"],
+                           "--warmup", "1", "--sampler", "ddim", "--steps", "4",
+                           "--classifier-epochs", "1", "--classifier-guidance", "2"],  # every process trains it
         "gan_baseline.py": ["--dataset", "classes", "--data-dir", classes, "--image-size", "16", "--z-dim", "8",
                             "--num-samples", "6", "--sample-batch-size", "4", "--stats-samples", "8", "--no-fid"],
     }
@@ -134,3 +135,4 @@ def test_the_other_scripts_run_under_torchrun_and_write_once(tmp_path):
     assert len(list((tmp_path / "cfg_afhq" / "samples_w7.5").rglob("*.png"))) == 4
     assert len(os.listdir(tmp_path / "gan_baseline" / "samples")) == 6
     assert len(os.listdir(tmp_path / "cond_iclevr" / "test")) == 32
+    assert json.loads((tmp_path / "cond_iclevr" / "metrics.json").read_text())["guide_dir"] == "own classifier"
