@@ -52,6 +52,7 @@ Commands
 """
 
 import argparse
+import atexit
 import copy
 import csv
 import gzip
@@ -987,6 +988,9 @@ def start_distributed(args):
         return
     on_gpu = args.device.startswith("cuda")
     dist.init_process_group("nccl" if on_gpu else "gloo")
+    # Leave the group before Python starts tearing itself down, on every way out (return, error, Ctrl-C): a group
+    # still alive then can abort the process ("terminate called without an active exception").
+    atexit.register(dist.destroy_process_group)
     if on_gpu:
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
