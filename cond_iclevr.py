@@ -861,7 +861,8 @@ def main(argv=None):
     say(f"UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}, {len(objects)} objects")
 
     # Our classifier first: it does not need the DDPM, and grading during training can then guide with it, as the
-    # final samples will be guided. Every process trains the same one (same seed); rank 0 saves it.
+    # final samples will be guided. Every process trains the same one (same seed; rank 0 saves it): it takes no
+    # longer than rank 0 alone, and no process waits minutes for rank 0 in its first collective.
     if args.classifier_epochs > 0 and state["classifier"] is None and not args.sample_only:
         state["classifier"] = train_classifier(args, data, labels, device)
         save_run(args, model, ema, optimizer, state)
