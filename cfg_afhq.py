@@ -72,8 +72,8 @@ PRESETS = {
     # Sized for a 2-core CPU on 28x28 digits (MNIST as ten class folders, benchmarks/cfg_mnist_classes.py): grey
     # images in a one-channel model (three channels of one grey leave coloured speckle on a briefly trained model),
     # ddpm_mnist.py's CPU UNet, 8 epochs of 3,000 digits per class, AdamW 4e-3 with a cosine decay, the cosine noise
-    # schedule, DDIM with 50 steps and eta = 1. FID at w = 0 / 7.5 (500 samples each; 2-core AVX2 CPU, about
-    # 1,650 s of training in each run; the README's cfg_afhq.py section has the table):
+    # schedule, DDIM with 50 steps and eta = 1. FID at w = 0 / 7.5 (500 samples each; 2-core AVX2 CPU,
+    # 1,610-1,680 s of training in each run; the README's cfg_afhq.py section has the table):
     #   * linear schedule, lr 2e-3 (the previous preset): 17.75 / 39.65; sampled with DDIM-20 and eta = 0, 38.69 /
     #     48.73 (the fresh noise of eta = 1 washes out the grey speckle a briefly trained model leaves);
     #   * the cosine schedule (Nichol & Dhariwal 2021): 16.91 / 37.53. The linear one keeps under 4% of the image,
