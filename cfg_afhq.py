@@ -80,8 +80,8 @@ PRESETS = {
     #     leaves);
     #   * the cosine schedule (Nichol & Dhariwal 2021): 16.91 / 37.53. The linear one keeps under 4% of the image,
     #     sqrt(abar_t) < 0.04, in its last 200 of 1,000 steps: a fifth of its training is spent on near pure noise;
-    #   * and a higher learning rate: 4e-3 gives 16.60 / 35.19; 6e-3, this preset, 16.08 / 34.24 (seed 1: 16.76 /
-    #     34.68); 8e-3 is past the best, 16.87 / 36.99;
+    #   * and a higher learning rate: 4e-3 gives 16.60 / 35.19 (seed 1: 16.29 / 42.42); 6e-3, this preset, 16.08 /
+    #     34.24 (seed 1: 16.76 / 34.68), lower and steadier at w = 7.5; 8e-3 is past the best, 16.87 / 36.99;
     #   * 25 or 100 DDIM steps instead of 50: no better (39.73, 37.10 on the cosine run).
     # Guidance multiplies the model's error by w, so more training gains most at w = 7.5: the earlier version with
     # --epochs 24 (about an hour of training) gives 14.56 / 31.04.
