@@ -73,7 +73,7 @@ PRESETS = {
     # images in a one-channel model (three channels of one grey leave coloured speckle on a briefly trained model),
     # ddpm_mnist.py's CPU UNet, 8 epochs of 3,000 digits per class, AdamW 6e-3 with a cosine decay, the cosine noise
     # schedule, DDIM with 50 steps and eta = 1. FID at w = 0 / 7.5 (500 samples each; 2-core AVX2 CPU, the same
-    # 3,752 iterations in 1,530-1,900 s of training, as fast as the shared machine ran; seed 0 unless stated; the
+    # 3,752 iterations in 1,530-1,910 s of training, as fast as the shared machine ran; seed 0 unless stated; the
     # README's cfg_afhq.py section has the table):
     #   * linear schedule, lr 2e-3 (an earlier version of this preset): 17.75 / 39.65; sampled with DDIM-20 and
     #     eta = 0, 38.69 / 48.73 (the fresh noise of eta = 1 washes out the grey speckle a briefly trained model
@@ -81,7 +81,7 @@ PRESETS = {
     #   * the cosine schedule (Nichol & Dhariwal 2021): 16.91 / 37.53. The linear one keeps under 4% of the image,
     #     sqrt(abar_t) < 0.04, in its last 200 of 1,000 steps: a fifth of its training is spent on near pure noise;
     #   * and a higher learning rate: 4e-3 gives 16.60 / 35.19 (seed 1: 16.29 / 42.42); 6e-3, this preset, 16.08 /
-    #     34.24 (seed 1: 16.76 / 34.68), lower and steadier at w = 7.5; 8e-3 is past the best, 16.87 / 36.99;
+    #     34.24 (seed 1: 16.76 / 34.68), lower and steadier at w = 7.5; 8e-3 (one seed): 16.87 / 36.99;
     #   * 25 or 100 DDIM steps instead of 50: no better (39.73, 37.10 on the cosine run).
     # Guidance multiplies the model's error by w, so more training gains most at w = 7.5: the earlier version with
     # --epochs 24 (about an hour of training) gives 14.56 / 31.04.
