@@ -1507,6 +1507,16 @@ def get_font(size):
         return ImageFont.load_default()
 
 
+def tick_labels(values):
+    """The axis labels for these tick values: 3 significant digits, or more where 3 would print two ticks alike
+    (a loss that barely moves spans 1.005 to 1.012)."""
+    for digits in range(3, 16):
+        labels = [f"{v:.{digits}g}" for v in values]
+        if len(set(labels)) == len(labels):
+            break
+    return labels
+
+
 def plot_loss(curves, path, title):
     """{name: values per iteration} as a PIL line plot: each curve faint, its moving average bold; the y axis on a log
     scale when every value is positive and they span a decade (a diffusion loss does)."""
@@ -1518,8 +1528,9 @@ def plot_loss(curves, path, title):
     n = max(len(v) for v in curves.values())
     xy = lambda i, v: (m + (W - 2 * m) * i / max(1, n - 1), H - m - (H - 2 * m) * (np.clip(v, lo, hi) - lo) / (hi - lo))
     draw.rectangle([m, m, W - m, H - m], outline="black")
-    for v in np.linspace(lo, hi, 6):
-        draw.text((m - 6, xy(0, v)[1]), f"{10 ** v if f is np.log10 else v:.3g}", fill="black", font=font, anchor="rm")
+    ticks = np.linspace(lo, hi, 6)
+    for v, label in zip(ticks, tick_labels(10 ** ticks if f is np.log10 else ticks)):
+        draw.text((m - 6, xy(0, v)[1]), label, fill="black", font=font, anchor="rm")
     for k, (name, v) in enumerate(curves.items()):
         colour, v, window = [(31, 119, 180), (214, 39, 40), (44, 160, 44)][k % 3], f(np.asarray(v, float)), max(1, len(v) // 100)
         draw.line([xy(i, v[i]) for i in range(len(v))], fill=tuple(c + (255 - c) * 2 // 3 for c in colour))

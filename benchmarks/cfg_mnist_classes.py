@@ -111,12 +111,14 @@ def write_mnist_classes(mnist_root, out_dir, per_class=None):
     tmp, t0 = out_dir.rstrip("/") + ".tmp", time.time()
     for split, train in (("train", True), ("val", False)):
         images, labels = load_mnist_split(mnist_root, train)
+        written = 0
         for digit in range(10):
             folder = os.path.join(tmp, split, str(digit))
             os.makedirs(folder, exist_ok=True)
             for i, img in enumerate(images[labels == digit][:per_class].numpy(), start=1):
                 Image.fromarray(img, "L").save(os.path.join(folder, f"{i:05d}.png"))
-        print(f"wrote {len(images)} {split} digits to {os.path.join(out_dir, split)}/0..9", flush=True)
+                written += 1
+        print(f"wrote {written} {split} digits to {os.path.join(out_dir, split)}/0..9", flush=True)
     os.replace(tmp, out_dir)
     print(f"MNIST class folders done in {time.time() - t0:.0f} s", flush=True)
 

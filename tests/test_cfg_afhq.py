@@ -193,3 +193,18 @@ def test_bad_input_stops_with_one_sentence(afhq_like, tmp_path, capsys, case):
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     assert {"empty class folder": "wild", "unknown class": "horse", "no scales": "--cfg-scales"}[case] in lines[0]
     assert not out.exists()  # nothing written
+
+
+def test_mnist_class_folders_hold_what_the_message_says(tmp_path, capsys):
+    """benchmarks/cfg_mnist_classes.py writes MNIST as class folders; with per_class it writes that many per digit
+    and split, and says how many it wrote (it used to print the split's full size)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import cfg_mnist_classes as bench
+    bench.write_mnist_classes(str(SHARED / "data"), str(tmp_path / "digits"), per_class=2)
+    for split in ("train", "val"):
+        assert sorted(p.name for p in (tmp_path / "digits" / split).iterdir()) == [str(d) for d in range(10)]
+        assert len(list((tmp_path / "digits" / split).glob("*/*.png"))) == 20
+        with Image.open(tmp_path / "digits" / split / "7" / "00002.png") as img:
+            assert img.size == (28, 28) and img.mode == "L"
+    printed = capsys.readouterr().out
+    assert "wrote 20 train digits" in printed and "wrote 20 val digits" in printed

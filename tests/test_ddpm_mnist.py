@@ -126,6 +126,12 @@ def test_plot_loss_draws_any_curve(tmp_path, curves):
     assert img.size == (900, 540) and (pixels.std(axis=2) > 20).any()  # coloured curve pixels were drawn
 
 
+def test_tick_labels_tell_every_tick_apart():
+    assert dm.tick_labels([0.01, 0.1, 1.0, 10.0]) == ["0.01", "0.1", "1", "10"]  # 3 digits where they suffice
+    barely_moving = dm.tick_labels(np.linspace(1.005, 1.012, 6))  # at 3 digits: 1, 1.01, 1.01, 1.01, 1.01, 1.01
+    assert len(set(barely_moving)) == 6 and barely_moving[0] == "1.005" and barely_moving[-1] == "1.012"
+
+
 # --- whole runs -----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mnist_run(tmp_path_factory):
