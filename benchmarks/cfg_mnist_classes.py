@@ -115,9 +115,10 @@ def write_mnist_classes(mnist_root, out_dir, per_class=None):
         for digit in range(10):
             folder = os.path.join(tmp, split, str(digit))
             os.makedirs(folder, exist_ok=True)
-            for i, img in enumerate(images[labels == digit][:per_class].numpy(), start=1):
+            kept = images[labels == digit][:per_class].numpy()
+            for i, img in enumerate(kept, start=1):
                 Image.fromarray(img, "L").save(os.path.join(folder, f"{i:05d}.png"))
-                written += 1
+            written += len(kept)
         print(f"wrote {written} {split} digits to {os.path.join(out_dir, split)}/0..9", flush=True)
     os.replace(tmp, out_dir)
     print(f"MNIST class folders done in {time.time() - t0:.0f} s", flush=True)
