@@ -96,6 +96,18 @@ def test_balanced_labels():
     assert torch.equal(labels, labels.sort().values)  # grouped by class
 
 
+@pytest.mark.parametrize("argv, iters, epochs", [
+    ([], 100000, 400),                               # the course preset stops after its 100,000 steps
+    (["--epochs", "3"], None, 3),                    # an explicit --epochs is the stopping rule now
+    (["--epoch=3"], None, 3),                        # abbreviated and with "=", as argparse allows
+    (["--epochs", "3", "--iters", "7"], 7, 3),       # both given: --iters still overrides, as its help says
+    (["--iters", "7"], 7, 400),
+])
+def test_an_explicit_epochs_sets_aside_a_presets_iters(argv, iters, epochs):
+    args = cfg.parse_with_preset(cfg.build_parser(), ["--preset", "course"] + argv)
+    assert (args.iters, args.epochs) == (iters, epochs)
+
+
 def export_colour_classifier(path):
     """The class check for the tiny data: the mean of each colour channel as the logits (red = cat, ...)."""
     class Colour(torch.nn.Module):
