@@ -71,25 +71,24 @@ SCRIPT = "cfg_afhq"  # written into every checkpoint, so that another script's c
 PRESETS = {
     # Sized for a 2-core CPU on 28x28 digits (MNIST as ten class folders, benchmarks/cfg_mnist_classes.py): grey
     # images in a one-channel model (three channels of one grey leave coloured speckle on a briefly trained model),
-    # ddpm_mnist.py's CPU UNet, 4,560 iterations of 64 over all 60,000 digits (just under 5 epochs), AdamW 6e-3 with
-    # a cosine decay, the cosine noise schedule, DDIM with 50 steps and eta = 1. On both cores 4,560 iterations train
-    # in the time the first version of this preset (three channels, one thread, 2,814 iterations) took: timed in turn
-    # on the same hour, this preset's step is 1.62-1.66 times as fast. FID at w = 0 / 7.5 (500 samples each; 2-core
-    # AVX2 CPU; the README's cfg_afhq.py section has the table), mean +- std over seeds 0, 1, 2: 16.18 +- 0.47 /
-    # 32.88 +- 0.52, against the first version's 70.12 / 66.04. Earlier versions, 3,752 iterations over 3,000
-    # digits per class (seed 0 unless stated):
-    #   * linear schedule, lr 2e-3: 17.75 / 39.65; sampled with DDIM-20 and eta = 0, 38.69 / 48.73 (the fresh noise
-    #     of eta = 1 washes out the grey speckle a briefly trained model leaves);
+    # ddpm_mnist.py's CPU UNet, 8 epochs of 3,000 digits per class, AdamW 6e-3 with a cosine decay, the cosine noise
+    # schedule, DDIM with 50 steps and eta = 1. FID at w = 0 / 7.5 (500 samples each; 2-core AVX2 CPU, the same
+    # 3,752 iterations in 1,530-1,910 s of training, as fast as the shared machine ran; seed 0 unless stated; the
+    # README's cfg_afhq.py section has the table):
+    #   * linear schedule, lr 2e-3 (an earlier version of this preset): 17.75 / 39.65; sampled with DDIM-20 and
+    #     eta = 0, 38.69 / 48.73 (the fresh noise of eta = 1 washes out the grey speckle a briefly trained model
+    #     leaves);
     #   * the cosine schedule (Nichol & Dhariwal 2021): 16.91 / 37.53. The linear one keeps under 4% of the image,
     #     sqrt(abar_t) < 0.04, in its last 200 of 1,000 steps: a fifth of its training is spent on near pure noise;
-    #   * and a higher learning rate: 4e-3 gives 16.60 / 35.19 (seed 1: 16.29 / 42.42); 6e-3, 16.08 / 34.24 (seed 1:
-    #     16.76 / 34.68), lower and steadier at w = 7.5; 8e-3 (one seed): 16.87 / 36.99;
-    #   * and all 60,000 digits (4 epochs): 16.21 / 33.10 (seed 1: 16.89 / 34.31);
+    #   * and a higher learning rate: 4e-3 gives 16.60 / 35.19 (seed 1: 16.29 / 42.42); 6e-3, this preset, 16.08 /
+    #     34.24 (seed 1: 16.76 / 34.68), lower and steadier at w = 7.5; 8e-3 (one seed): 16.87 / 36.99;
+    #   * all 60,000 digits for 4,560 iterations, the first version's training time (three channels, one thread,
+    #     2,814 iterations; both timed on the same hour): 16.17 +- 0.42 / 34.46 +- 2.32 over five seeds, no better;
     #   * 25 or 100 DDIM steps instead of 50: no better (39.73, 37.10 on the cosine run).
-    # Guidance multiplies the model's error by w, so more training gains most at w = 7.5: the linear-schedule version
-    # with 24 epochs (11,256 iterations, about an hour of training) gives 14.56 / 31.04.
+    # Guidance multiplies the model's error by w, so more training gains most at w = 7.5: the earlier version with
+    # --epochs 24 (about an hour of training) gives 14.56 / 31.04.
     "cpu": dict(device="cpu", image_size=28, channels=1, flip=False, ch=16, ch_mult=[1, 2, 2], num_res_blocks=1,
-                attn_res=7, dropout=0.0, max_per_class=0, iters=4560, batch_size=64, lr=6e-3, lr_decay="cosine",
+                attn_res=7, dropout=0.0, max_per_class=3000, epochs=8, batch_size=64, lr=6e-3, lr_decay="cosine",
                 warmup=200, ema_decay=0.999, schedule="cosine", sampler="ddim", steps=50, eta=1.0,
                 sample_batch_size=250),
     # KAIST CS492(D) assignment 2: its fixed UNet and training (Adam 2e-4, 200 warm-up steps, batch 16, 100,000
