@@ -59,6 +59,7 @@ import argparse
 import atexit
 import copy
 import csv
+import datetime
 import json
 import math
 import os
@@ -862,13 +863,30 @@ def start_distributed(args):
         return
     on_gpu = args.device.startswith("cuda")
     dist.init_process_group("nccl" if on_gpu else "gloo")
-    # Leave the group before Python starts tearing itself down, on every way out (return, error, Ctrl-C): a group
-    # still alive then can abort the process ("terminate called without an active exception").
-    atexit.register(dist.destroy_process_group)
+    # On a way out that skips leave_distributed (an error), still leave the group before Python tears itself down.
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     if on_gpu:
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         args.device = f"cuda:{local}"
+
+
+def leave_distributed():
+    """Under torchrun, wait here until every process has finished main(), then leave the group (a plain run: nothing).
+
+    Why wait: the process group's own threads release each collective's tensors a moment after the collective
+    returns, and releasing a tensor that Python made needs the interpreter. A process that returns from main() at
+    once (every rank but 0 does, after the last gather) can start shutting Python down before that moment, and the
+    thread then aborts the process ("terminate called without an active exception"). Waiting for rank 0 gives the
+    threads that moment. Rank 0 may spend long on FID after the last gather (half an hour for 10,000 images on a
+    CPU), longer than gloo's default 30 minutes, so gloo's barrier is given a day."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        dist.monitored_barrier(timeout=datetime.timedelta(days=1))
+    else:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def rank():
@@ -1201,3 +1219,4 @@ def write_table(rows, path_txt):
 
 if __name__ == "__main__":  # last, so that main() finds every function of the appendix
     main()
+    leave_distributed()

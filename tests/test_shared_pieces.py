@@ -72,7 +72,7 @@ def test_the_check_catches_a_trailing_comment_and_a_decorator(tmp_path):
 
 def test_every_training_script_reads_in_the_readers_order():
     """Flags, then the method (main() last of it), then the marked appendix of plumbing; main() is called only
-    from the very end, after every function it needs is defined."""
+    from the very end, after every function it needs is defined, and then only leave_distributed()."""
     for name in ("ddpm_mnist.py", "cfg_afhq.py", "cond_iclevr.py", "ddim.py", "gan_baseline.py"):
         source = (ROOT / name).read_text()
         lines = source.splitlines()
@@ -82,4 +82,5 @@ def test_every_training_script_reads_in_the_readers_order():
         assert where["build_parser"] < where["make_betas" if "make_betas" in where else "build_gan"] < where["main"] < marker, name
         for plumbing in ("check_args", "fail", "save_checkpoint", "load_checkpoint", "CtrlC", "plot_loss", "write_metrics"):
             assert where[plumbing] > marker, f"{name}: {plumbing} belongs in the appendix"
-        assert lines[-2].startswith('if __name__ == "__main__":') and lines[-1].strip() == "main()", name
+        assert lines[-3].startswith('if __name__ == "__main__":') and lines[-2].strip() == "main()", name
+        assert lines[-1].strip() == "leave_distributed()", name  # under torchrun the processes leave together

@@ -136,3 +136,26 @@ def test_the_other_scripts_run_under_torchrun_and_write_once(tmp_path):
     assert len(os.listdir(tmp_path / "gan_baseline" / "samples")) == 6
     assert len(os.listdir(tmp_path / "cond_iclevr" / "test")) == 32
     assert json.loads((tmp_path / "cond_iclevr" / "metrics.json").read_text())["guide_dir"] == "own classifier"
+
+
+def test_a_process_that_finishes_first_waits_for_the_others_before_leaving(tmp_path):
+    """leave_distributed (the same copy in every script): rank 1 is done at once, rank 0 two seconds later, and
+    rank 1 leaves only after rank 0 (leaving at once could abort it while its threads still release tensors)."""
+    script = tmp_path / "leave.py"
+    script.write_text(
+        "import sys, time, types\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import ddpm_mnist as script\n"
+        "script.start_distributed(types.SimpleNamespace(device='cpu'))\n"
+        "me = script.rank()\n"
+        "if me == 0:\n"
+        "    time.sleep(2)\n"
+        "start = time.time()\n"
+        "script.leave_distributed()\n"
+        "print(f'rank {me} waited {time.time() - start:.2f} s, still in a group: {script.dist.is_initialized()}')\n")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script)], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    waited = {line.split()[1]: float(line.split()[3]) for line in result.stdout.splitlines() if line.startswith("rank")}
+    assert waited["1"] > 1.5 and waited["0"] < 1.0, result.stdout
+    assert "still in a group: True" not in result.stdout
