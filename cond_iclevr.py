@@ -140,7 +140,8 @@ def build_parser():
     a("--warmup", type=int, default=500, help="linear learning-rate warm-up, in steps")
     a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
     a("--ema-decay", type=float, default=0.999, help="decay of the weights' moving average (0: none)")
-    a("--seed", type=int, default=0, help="seeds the training and the sampling noise")
+    a("--seed", type=int, default=0,
+      help="seeds the training and the sampling noise (with --sample-only: the sampling alone)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     a("--compile", action="store_true", help="torch.compile the model for training (GPU)")
     a("--out", default="runs/cond_iclevr", help="folder for checkpoint, images and metrics")
@@ -1275,9 +1276,11 @@ def load_run(args):
              f"of {SCRIPT}.py or is damaged")
     given = explicit_flags(args)
     for key in RUN_KEYS:
-        if key in given and getattr(args, key) != saved["args"][key] and args.resume:
-            say(f"note: --resume keeps the checkpoint's --{key.replace('_', '-')} {saved['args'][key]} "
-                f"(not {getattr(args, key)})")
+        if key == "seed" and args.sample_only and key in given:
+            continue  # --sample-only --seed S: the same model, another draw of the sampling noise
+        if key in given and getattr(args, key) != saved["args"][key]:
+            say(f"note: {'--resume' if args.resume else '--sample-only'} keeps the checkpoint's "
+                f"--{key.replace('_', '-')} {saved['args'][key]} (not {getattr(args, key)})")
         setattr(args, key, saved["args"][key])
     check_args(args)  # --steps and --fuse-t against the checkpoint's T
     return saved

@@ -168,14 +168,20 @@ def test_mnist_run_writes_every_output(mnist_run):
     assert metrics["fid_reference"].endswith("mnist_train10k_stats.npz")
 
 
-def test_sample_only_with_ddim_is_reproducible(mnist_run, tmp_path):
-    for out in (tmp_path / "a", tmp_path / "b"):
-        run("--sample-only", "--ckpt", mnist_run / "ckpt.pt", "--out", out, "--num-samples", "4",
-            "--sampler", "ddim", "--steps", "5", "--eta", "0", "--no-fid")
+def test_sample_only_with_ddim_is_reproducible_and_seed_draws_again(mnist_run, tmp_path):
+    said = {}
+    for out, extra in ((tmp_path / "a", []), (tmp_path / "b", []), (tmp_path / "c", ["--seed", "1", "--ch", "12"])):
+        said[out.name] = run("--sample-only", "--ckpt", mnist_run / "ckpt.pt", "--out", out, "--num-samples", "4",
+                             "--sampler", "ddim", "--steps", "5", "--eta", "0", "--no-fid", *extra).stdout
+    assert "note: --sample-only keeps the checkpoint's --ch 8 (not 12)" in said["c"] and "note" not in said["a"]
+    def png(run_dir, i):
+        return (tmp_path / run_dir / "samples" / f"{i:05d}.png").read_bytes()
     for i in range(1, 5):
-        assert (tmp_path / "a" / "samples" / f"{i:05d}.png").read_bytes() == (tmp_path / "b" / "samples" / f"{i:05d}.png").read_bytes()
+        assert png("a", i) == png("b", i)  # the checkpoint's seed: the same images
+        assert png("a", i) != png("c", i)  # an explicit --seed: the same model, other noise
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert metrics["sampler"] == "ddim" and metrics["sampling_steps"] == 5 and metrics["eta"] == 0.0
+    assert metrics["args"]["seed"] == 0 and json.loads((tmp_path / "c" / "metrics.json").read_text())["args"]["seed"] == 1
 
 
 def make_image_folder(root, n=10):

@@ -143,7 +143,7 @@ def test_a_process_that_finishes_first_waits_for_the_others_before_leaving(tmp_p
     rank 1 leaves only after rank 0 (leaving at once could abort it while its threads still release tensors)."""
     script = tmp_path / "leave.py"
     script.write_text(
-        "import sys, time, types\n"
+        "import json, sys, time, types\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "import ddpm_mnist as script\n"
         "script.start_distributed(types.SimpleNamespace(device='cpu'))\n"
@@ -152,10 +152,11 @@ def test_a_process_that_finishes_first_waits_for_the_others_before_leaving(tmp_p
         "    time.sleep(2)\n"
         "start = time.time()\n"
         "script.leave_distributed()\n"
-        "print(f'rank {me} waited {time.time() - start:.2f} s, still in a group: {script.dist.is_initialized()}')\n")
+        "result = {'waited': time.time() - start, 'still_in_group': script.dist.is_initialized()}\n"
+        "open(f'rank{me}.json', 'w').write(json.dumps(result))\n")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(script)], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    waited = {line.split()[1]: float(line.split()[3]) for line in result.stdout.splitlines() if line.startswith("rank")}
-    assert waited["1"] > 1.5 and waited["0"] < 1.0, result.stdout
-    assert "still in a group: True" not in result.stdout
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[1]["waited"] > 1.5 and ranks[0]["waited"] < 1.0, ranks
+    assert not ranks[0]["still_in_group"] and not ranks[1]["still_in_group"]
