@@ -1,12 +1,26 @@
 """benchmarks/gpu.py, the one call that measures every GPU figure, run on this CPU at toy sizes: every step runs
-and lands in gpu.json, so the call on a lent GPU cannot fail on a typo."""
+and lands in gpu.json, so the call on a lent GPU cannot fail on a typo. Then what only a GPU would run (bf16
+autocast, channels_last), taken on this CPU through a whole tiny run of each training script."""
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
 ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+import cfg_afhq as cfg  # noqa: E402
+import cond_iclevr as ci  # noqa: E402
+import ddpm_mnist as dm  # noqa: E402
+import gan_baseline as gb  # noqa: E402
+from iclevr_fixtures import write_miniature_iclevr, write_stand_in_evaluator  # noqa: E402
 
 
 def test_every_step_of_the_gpu_benchmark_runs_at_toy_sizes(tmp_path):
@@ -25,3 +39,63 @@ def test_every_step_of_the_gpu_benchmark_runs_at_toy_sizes(tmp_path):
     assert steps["cfg_mnist"]["finished"] and steps["cfg_mnist"]["fid_w0"] > 0
     assert 0 <= steps["cfg_mnist"]["right_digit_w7.5"] <= 1
     assert summary["tiny"] and summary["total_seconds"] < 900
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the scripts do only on a GPU, done on this CPU: bf16 autocast and channels_last, through whole tiny runs
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def as_on_a_gpu(monkeypatch):
+    """Every torch.autocast("cuda", bf16, enabled=<on a GPU>) becomes the CPU's bf16 autocast, switched on, and every
+    script's channels_last(device) answers as for a GPU. A dtype or layout mistake in those branches then fails here,
+    not in the one call on a lent GPU. Returns the dtypes of the autocast regions entered."""
+    real_autocast, entered = torch.autocast, []
+
+    def autocast(device_type, dtype=None, enabled=True, **kwargs):
+        if device_type != "cuda":
+            return real_autocast(device_type, dtype=dtype, enabled=enabled, **kwargs)
+        entered.append(dtype)
+        return real_autocast("cpu", dtype=dtype, enabled=True, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", autocast)
+    for module in (dm, gb, cfg, ci):
+        monkeypatch.setattr(module, "channels_last", lambda device: torch.channels_last)
+    return entered
+
+
+def tiny_class_folders(root, classes=3, per_class=4, size=12):
+    rng = np.random.default_rng(0)
+    for k in range(classes):
+        (root / f"c{k}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / f"c{k}" / f"{i}.png")
+    return root
+
+
+def test_the_gpu_branches_run_whole_tiny_runs_in_bf16(as_on_a_gpu, tmp_path):
+    mnist = ["--data-dir", str(SHARED / "data"), "--limit", "32", "--device", "cpu", "--no-fid"]
+    dm.main([*mnist, "--out", str(tmp_path / "ddpm"), "--ch", "8", "--timesteps", "10", "--batch-size", "16",
+             "--epochs", "1", "--warmup", "1", "--num-samples", "4", "--sample-batch-size", "4"])
+    for style in ("dcgan", "stylegan"):
+        gb.main([*mnist, "--out", str(tmp_path / style), "--arch", style, "--ch", "8", "--z-dim", "16", "--batch-size",
+                 "16", "--epochs", "1", "--num-samples", "4", "--stats-samples", "16"])
+    folders = tiny_class_folders(tmp_path / "classes")
+    cfg.main(["--data-dir", str(folders), "--out", str(tmp_path / "cfg"), "--image-size", "16", "--ch", "8",
+              "--ch-mult", "1", "2", "--num-res-blocks", "1", "--timesteps", "10", "--batch-size", "4", "--epochs", "1",
+              "--warmup", "1", "--device", "cpu", "--num-samples", "3", "--cfg-scales", "0", "7.5", "--no-fid"])
+    mini = tmp_path / "iclevr"
+    write_miniature_iclevr(mini, num_train=8, num_test=32, seed=1)
+    evaluator = write_stand_in_evaluator(tmp_path / "evaluator")
+    ci.main(["--data-dir", str(mini), "--evaluator-dir", str(evaluator), "--out", str(tmp_path / "iclevr_run"),
+             "--epochs", "1", "--device", "cpu", "--ch", "8", "--ch-mult", "1", "1", "1", "1", "--num-res-blocks", "1",
+             "--attn-res", "0", "--timesteps", "8", "--batch-size", "8", "--warmup", "2"])
+    assert len(as_on_a_gpu) > 0 and set(as_on_a_gpu) == {torch.bfloat16}
+    for run in ("ddpm", "dcgan", "stylegan"):
+        assert json.loads((tmp_path / run / "metrics.json").read_text())["num_samples"] == 4, run
+        pngs = sorted((tmp_path / run / "samples").glob("*.png"))
+        assert [p.name for p in pngs] == ["00001.png", "00002.png", "00003.png", "00004.png"], run
+        assert all(np.asarray(Image.open(p)).std() > 0 for p in pngs), run  # not blank: no NaN turned into one colour
+    for w in ("0", "7.5"):
+        assert len(list((tmp_path / "cfg").glob(f"samples_w{w}/*/*.png"))) == 3
+    accuracy = json.loads((tmp_path / "iclevr_run" / "metrics.json").read_text())["accuracy"]
+    assert set(accuracy) == {"test", "new_test"} and all(0 <= a <= 1 for a in accuracy.values())
