@@ -73,23 +73,29 @@ def tiny_class_folders(root, classes=3, per_class=4, size=12):
 
 
 def test_the_gpu_branches_run_whole_tiny_runs_in_bf16(as_on_a_gpu, tmp_path):
+    def in_bf16(main, argv):
+        as_on_a_gpu.clear()
+        main(argv)
+        assert as_on_a_gpu and set(as_on_a_gpu) == {torch.bfloat16}, main.__module__  # the GPU's branch was taken
+
     mnist = ["--data-dir", str(SHARED / "data"), "--limit", "32", "--device", "cpu", "--no-fid"]
-    dm.main([*mnist, "--out", str(tmp_path / "ddpm"), "--ch", "8", "--timesteps", "10", "--batch-size", "16",
-             "--epochs", "1", "--warmup", "1", "--num-samples", "4", "--sample-batch-size", "4"])
+    in_bf16(dm.main, [*mnist, "--out", str(tmp_path / "ddpm"), "--ch", "8", "--timesteps", "10", "--batch-size", "16",
+                      "--epochs", "1", "--warmup", "1", "--num-samples", "4", "--sample-batch-size", "4"])
     for style in ("dcgan", "stylegan"):
-        gb.main([*mnist, "--out", str(tmp_path / style), "--arch", style, "--ch", "8", "--z-dim", "16", "--batch-size",
-                 "16", "--epochs", "1", "--num-samples", "4", "--stats-samples", "16"])
+        in_bf16(gb.main, [*mnist, "--out", str(tmp_path / style), "--arch", style, "--ch", "8", "--z-dim", "16",
+                          "--batch-size", "16", "--epochs", "1", "--num-samples", "4", "--stats-samples", "16"])
     folders = tiny_class_folders(tmp_path / "classes")
-    cfg.main(["--data-dir", str(folders), "--out", str(tmp_path / "cfg"), "--image-size", "16", "--ch", "8",
-              "--ch-mult", "1", "2", "--num-res-blocks", "1", "--timesteps", "10", "--batch-size", "4", "--epochs", "1",
-              "--warmup", "1", "--device", "cpu", "--num-samples", "3", "--cfg-scales", "0", "7.5", "--no-fid"])
+    in_bf16(cfg.main, ["--data-dir", str(folders), "--out", str(tmp_path / "cfg"), "--image-size", "16", "--ch", "8",
+                       "--ch-mult", "1", "2", "--num-res-blocks", "1", "--timesteps", "10", "--batch-size", "4",
+                       "--epochs", "1", "--warmup", "1", "--device", "cpu", "--num-samples", "3", "--cfg-scales", "0",
+                       "7.5", "--no-fid"])
     mini = tmp_path / "iclevr"
     write_miniature_iclevr(mini, num_train=8, num_test=32, seed=1)
     evaluator = write_stand_in_evaluator(tmp_path / "evaluator")
-    ci.main(["--data-dir", str(mini), "--evaluator-dir", str(evaluator), "--out", str(tmp_path / "iclevr_run"),
-             "--epochs", "1", "--device", "cpu", "--ch", "8", "--ch-mult", "1", "1", "1", "1", "--num-res-blocks", "1",
-             "--attn-res", "0", "--timesteps", "8", "--batch-size", "8", "--warmup", "2"])
-    assert len(as_on_a_gpu) > 0 and set(as_on_a_gpu) == {torch.bfloat16}
+    in_bf16(ci.main, ["--data-dir", str(mini), "--evaluator-dir", str(evaluator), "--out", str(tmp_path / "iclevr_run"),
+                      "--epochs", "1", "--device", "cpu", "--ch", "8", "--ch-mult", "1", "1", "1", "1",
+                      "--num-res-blocks", "1", "--attn-res", "0", "--timesteps", "8", "--batch-size", "8", "--warmup",
+                      "2"])
     for run in ("ddpm", "dcgan", "stylegan"):
         assert json.loads((tmp_path / run / "metrics.json").read_text())["num_samples"] == 4, run
         pngs = sorted((tmp_path / run / "samples").glob("*.png"))
