@@ -24,8 +24,10 @@ preset can be re-run after an interruption.
 """
 
 import argparse
+import gzip
 import json
 import os
+import struct
 import sys
 import time
 
@@ -66,7 +68,7 @@ def build_parser():
                    help="only train the digit classifier and export it to PATH (.pt2), then stop")
     p.add_argument("--preset", choices=sorted(MODEL_FLAGS), default=None, help="run the whole benchmark")
     p.add_argument("--mnist-root", default=os.path.join(ROOT, "..", "shared", "data"),
-                   help="torchvision's MNIST root (holds MNIST/raw)")
+                   help="torchvision's MNIST root (holds MNIST/raw: the IDX files, plain or .gz)")
     p.add_argument("--data", default="data/mnist_classes", help="the class folders (written when missing)")
     p.add_argument("--work", default="runs/cfg_mnist", help="folder for the classifier and the runs")
     p.add_argument("--fid-stats", default=os.path.join(ROOT, "..", "shared", "fid-reference", "mnist_train10k_stats.npz"),
@@ -94,11 +96,32 @@ def parse_args(argv=None):
 # MNIST as class folders
 # ---------------------------------------------------------------------------------------------------------------
 def load_mnist_split(mnist_root, train):
+    """MNIST's training (train=True) or test digits, N x 28 x 28 uint8, and their labels, from the IDX files in
+    MNIST_ROOT/MNIST/raw, plain or .gz; else torchvision's copy, downloaded there if missing. Reading the files here
+    lets .gz files that are not MNIST's original downloads serve too (torchvision would check their checksums)."""
+    prefix = os.path.join(mnist_root, "MNIST", "raw", "train" if train else "t10k")
+    images, labels = read_idx(prefix + "-images-idx3-ubyte"), read_idx(prefix + "-labels-idx1-ubyte")
+    if images is not None and labels is not None and len(images) == len(labels):
+        return images, labels.long()
     try:
         ds = torchvision.datasets.MNIST(mnist_root, train=train, download=True)
     except Exception as e:
         sys.exit(f"error: could not load or download MNIST into {mnist_root} ({e}); pass --mnist-root")
     return ds.data, ds.targets
+
+
+def read_idx(path):
+    """An IDX file (PATH or PATH.gz) as a uint8 tensor, or None if neither is there whole. The format: 0, 0, 8 (the
+    bytes are uint8), the number of dimensions D, D big-endian 32-bit sizes, then the bytes."""
+    for name, opener in ((path, open), (path + ".gz", gzip.open)):
+        if os.path.isfile(name):
+            with opener(name, "rb") as fh:
+                data = fh.read()
+            dims = data[3]
+            shape = struct.unpack(f">{dims}I", data[4:4 + 4 * dims])
+            if data[:3] == bytes([0, 0, 8]) and len(data) == 4 + 4 * dims + int(np.prod(shape)):
+                return torch.frombuffer(bytearray(data[4 + 4 * dims:]), dtype=torch.uint8).view(*shape)
+    return None
 
 
 def write_mnist_classes(mnist_root, out_dir, per_class=None):

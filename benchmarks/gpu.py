@@ -1,6 +1,6 @@
 """Every GPU figure the README owes, measured in one call of at most 9 minutes on one H100/H200.
 
-  python benchmarks/gpu.py --data-dir DIR --inception PATH     # on the GPU machine (DIR holds MNIST/raw)
+  python benchmarks/gpu.py --data-dir DIR --inception PATH     # on the GPU machine (DIR holds MNIST/raw, .gz is enough)
   python benchmarks/gpu.py --tiny --device cpu                 # the same steps at toy sizes (the test runs this)
 
 The steps, in order; each runs with the time that is left of --budget, and is cut off (and said so) at the end:
@@ -11,7 +11,8 @@ The steps, in order; each runs with the time that is left of --budget, and is cu
   3. gan_baseline.py's defaults on MNIST, FID against the same statistics (10,000 samples).
   4. cfg_afhq.py on MNIST written as ten class folders (benchmarks/cfg_mnist_classes.py's GPU flags), FID at
      w = 0 and the digit classifier's "right digit" at w = 7.5, if time is left.
-Writes OUT/gpu.json (device, torch, each step's command, seconds, numbers, targets met) and prints it.
+Writes OUT/gpu.json (device, torch, each step's command, seconds, numbers, targets met) after every step, so a step
+that fails keeps the ones before it (its own entry says why), and prints it at the end.
 """
 import argparse
 import json
@@ -71,6 +72,43 @@ def read_json(path):
     return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
 
 
+def write_summary(summary, out):
+    """OUT/gpu.json, rewritten after every step: a step that fails or runs out of time keeps the ones before it."""
+    (out / "gpu.json").write_text(json.dumps(summary, indent=2))
+
+
+def failure(e):
+    """A step run in this process that stopped: its exception, or the sentence its sys.exit gave."""
+    return {"finished": False, "error": str(e) if str(e) else type(e).__name__}
+
+
+def measure_fid_speed(args, device):
+    """fid.py's Inception features of 10,000 MNIST digits, from a tensor and from PNG files, timed after a warm-up."""
+    import torch
+    import fid
+    import ddpm_mnist
+    n = 4 if args.tiny else 10_000
+    digits = ddpm_mnist.load_mnist(args.data_dir, n).expand(-1, 3, -1, -1)
+    model = fid.load_inception(args.inception if os.path.isfile(args.inception) else None, device)
+    fid.compute_features(digits[:2 if args.tiny else 50], model, device=device, progress=False)  # warm-up, not timed
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.time()
+    fid.compute_features(digits, model, device=device, progress=False)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    tensor_seconds = time.time() - start
+    with tempfile.TemporaryDirectory() as folder:
+        ddpm_mnist.save_samples(digits, os.path.join(folder, "png"), os.path.join(folder, "png.zip"))
+        start = time.time()
+        fid.compute_features(os.path.join(folder, "png"), model, device=device, progress=False)
+        png_seconds = time.time() - start
+    per_10k = lambda s: round(s * 10_000 / n, 2)
+    return {"finished": True, "images": n, "tensor_seconds": round(tensor_seconds, 2), "png_seconds": round(png_seconds, 2),
+            "seconds_per_10k_tensor": per_10k(tensor_seconds), "seconds_per_10k_png": per_10k(png_seconds),
+            "targets": {"<= 5 s per 10,000": per_10k(png_seconds) <= 5}}
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     out = Path(args.out).resolve()
@@ -96,32 +134,16 @@ def main(argv=None):
         **{k: m.get(k) for k in ("train_seconds", "sample_seconds", "samples_per_second", "num_samples", "fid",
                                  "fid_num_samples", "fid_reference", "total_seconds", "hardware")},
         "targets": {"seconds <= 300": done and seconds <= 300, "fid <= 3": m.get("fid") is not None and m["fid"] <= 3}}
+    write_summary(summary, out)
 
-    # 2. fid.py's speed on 10,000 digits (a tensor, then PNG files)
+    # 2. fid.py's speed on 10,000 digits. Steps 2 and 4 run partly in this process: a failure there (an exception,
+    # or a loader's sys.exit with its sentence) is recorded in gpu.json, and the steps after it still run.
     if left() > 10:
-        import fid
-        import ddpm_mnist
-        n = 4 if args.tiny else 10_000
-        digits = ddpm_mnist.load_mnist(args.data_dir, n).expand(-1, 3, -1, -1)
-        model = fid.load_inception(args.inception if os.path.isfile(args.inception) else None, device)
-        fid.compute_features(digits[:2 if args.tiny else 50], model, device=device, progress=False)  # warm-up, not timed
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.time()
-        fid.compute_features(digits, model, device=device, progress=False)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        tensor_seconds = time.time() - start
-        with tempfile.TemporaryDirectory() as folder:
-            ddpm_mnist.save_samples(digits, os.path.join(folder, "png"), os.path.join(folder, "png.zip"))
-            start = time.time()
-            fid.compute_features(os.path.join(folder, "png"), model, device=device, progress=False)
-            png_seconds = time.time() - start
-        per_10k = lambda s: round(s * 10_000 / n, 2)
-        summary["steps"]["fid_speed"] = {"images": n, "tensor_seconds": round(tensor_seconds, 2),
-                                         "png_seconds": round(png_seconds, 2), "seconds_per_10k_tensor": per_10k(tensor_seconds),
-                                         "seconds_per_10k_png": per_10k(png_seconds),
-                                         "targets": {"<= 5 s per 10,000": per_10k(png_seconds) <= 5}}
+        try:
+            summary["steps"]["fid_speed"] = measure_fid_speed(args, device)
+        except (Exception, SystemExit) as e:
+            summary["steps"]["fid_speed"] = failure(e)
+        write_summary(summary, out)
 
     # 3. The GAN's defaults on MNIST, against the statistics step 1 computed.
     stats = out / ("fid_stats_mnist_train16.npz" if args.tiny else "fid_stats_mnist_train60k.npz")
@@ -131,29 +153,35 @@ def main(argv=None):
     m = read_json(gan_out / "metrics.json")
     summary["steps"]["gan_mnist"] = {"command": "python gan_baseline.py", "seconds": seconds, "finished": done,
                                      **{k: m.get(k) for k in ("train_seconds", "samples_per_second", "fid", "fid_num_samples")}}
+    write_summary(summary, out)
 
     # 4. Classifier-free guidance on MNIST as class folders, if time is left.
     if left() > 60:
         import cfg_mnist_classes as bench
-        data = out / "mnist_classes"
-        bench.write_mnist_classes(args.data_dir, str(data), per_class=2 if args.tiny else None)
-        classifier = out / "digit_classifier.pt2"
-        if not classifier.is_file():
-            bench.train_classifier(args.data_dir, str(classifier), 1 if args.tiny else 3, torch.device(device),
-                                   limit=512 if args.tiny else None)
-        cfg_out = out / "cfg_mnist"
-        flags = TINY_CFG if args.tiny else bench.MODEL_FLAGS["gpu"] + ["--num-samples", "10000"]
-        command = [sys.executable, "cfg_afhq.py", "--data-dir", data, "--out", cfg_out, "--device", device,
-                   "--classifier", classifier, "--prepare-eval", "--eval-dir", out / "eval_mnist_test_28px",
-                   "--cfg-scales", "0", "7.5", *flags] + (["--inception", args.inception] if os.path.isfile(args.inception) else [])
-        seconds, done = run_step("cfg_afhq on MNIST classes", command, left(), out / "cfg.log")
-        m = read_json(cfg_out / "metrics.json")
-        scales = m.get("scales", {})
-        summary["steps"]["cfg_mnist"] = {"seconds": seconds, "finished": done, "train_seconds": m.get("train_seconds"),
-                                         "fid_w0": scales.get("0", {}).get("fid"),
-                                         "right_digit_w7.5": scales.get("7.5", {}).get("class_accuracy")}
+        data, classifier = out / "mnist_classes", out / "digit_classifier.pt2"
+        try:
+            bench.write_mnist_classes(args.data_dir, str(data), per_class=2 if args.tiny else None)
+            if not classifier.is_file():
+                bench.train_classifier(args.data_dir, str(classifier), 1 if args.tiny else 3, torch.device(device),
+                                       limit=512 if args.tiny else None)
+        except (Exception, SystemExit) as e:
+            summary["steps"]["cfg_mnist"] = failure(e)
+        else:
+            cfg_out = out / "cfg_mnist"
+            flags = TINY_CFG if args.tiny else bench.MODEL_FLAGS["gpu"] + ["--num-samples", "10000"]
+            command = [sys.executable, "cfg_afhq.py", "--data-dir", data, "--out", cfg_out, "--device", device,
+                       "--classifier", classifier, "--prepare-eval", "--eval-dir", out / "eval_mnist_test_28px",
+                       "--cfg-scales", "0", "7.5", *flags]
+            command += ["--inception", args.inception] if os.path.isfile(args.inception) else []
+            seconds, done = run_step("cfg_afhq on MNIST classes", command, left(), out / "cfg.log")
+            m = read_json(cfg_out / "metrics.json")
+            scales = m.get("scales", {})
+            summary["steps"]["cfg_mnist"] = {"seconds": seconds, "finished": done,
+                                             "train_seconds": m.get("train_seconds"),
+                                             "fid_w0": scales.get("0", {}).get("fid"),
+                                             "right_digit_w7.5": scales.get("7.5", {}).get("class_accuracy")}
     summary["total_seconds"] = round(args.budget - left(), 1)
-    (out / "gpu.json").write_text(json.dumps(summary, indent=2))
+    write_summary(summary, out)
     print(json.dumps(summary, indent=2))
     return summary
 

@@ -1,6 +1,7 @@
 """benchmarks/gpu.py, the one call that measures every GPU figure, run on this CPU at toy sizes: every step runs
 and lands in gpu.json, so the call on a lent GPU cannot fail on a typo. Then what only a GPU would run (bf16
 autocast, channels_last), taken on this CPU through a whole tiny run of each training script."""
+import gzip
 import json
 import os
 import subprocess
@@ -23,22 +24,64 @@ import gan_baseline as gb  # noqa: E402
 from iclevr_fixtures import write_miniature_iclevr, write_stand_in_evaluator  # noqa: E402
 
 
-def test_every_step_of_the_gpu_benchmark_runs_at_toy_sizes(tmp_path):
+def gzipped_mnist(root, train=600, test=200):
+    """MNIST/raw with the first digits of each split as .gz files written here: not the original downloads, whose
+    checksums torchvision would accept, but what a copy carried to a GPU machine looks like."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, n in (("train", train), ("t10k", test)):
+        for kind, item in (("images-idx3", 28 * 28), ("labels-idx1", 1)):
+            data = (SHARED / "data" / "MNIST" / "raw" / f"{split}-{kind}-ubyte").read_bytes()
+            header = 16 if kind.startswith("images") else 8
+            head = data[:4] + n.to_bytes(4, "big") + data[8:header]
+            (raw / f"{split}-{kind}-ubyte.gz").write_bytes(gzip.compress(head + data[header:header + n * item]))
+    return root
+
+
+def test_the_class_folders_read_gzipped_mnist_as_torchvision_reads_the_originals(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import cfg_mnist_classes as bench
+    import torchvision
+    root = gzipped_mnist(tmp_path / "mnist", train=300, test=100)
+    for train, n in ((True, 300), (False, 100)):
+        images, labels = bench.load_mnist_split(str(root), train)
+        original = torchvision.datasets.MNIST(str(SHARED / "data"), train=train)
+        assert torch.equal(images, original.data[:n]) and torch.equal(labels, original.targets[:n])
+        assert images.dtype == original.data.dtype and labels.dtype == original.targets.dtype
+
+
+def run_gpu_benchmark(out, *flags):
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--device", "cpu",
+                           "--out", str(out), "--budget", "900", *map(str, flags)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "2"})
+
+
+def test_every_step_of_the_gpu_benchmark_runs_at_toy_sizes_from_gzipped_mnist(tmp_path):
     out = tmp_path / "gpu"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--device", "cpu",
-                             "--out", str(out), "--budget", "900"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    result = run_gpu_benchmark(out, "--data-dir", gzipped_mnist(tmp_path / "mnist"))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     summary = json.loads((out / "gpu.json").read_text())
     steps = summary["steps"]
     assert set(steps) == {"ddpm_mnist_epochs_30", "fid_speed", "gan_mnist", "cfg_mnist"}
     ddpm = steps["ddpm_mnist_epochs_30"]
     assert ddpm["finished"] and ddpm["num_samples"] == 8 and ddpm["fid"] > 0 and "train16" in ddpm["fid_reference"]
-    assert steps["fid_speed"]["images"] == 4 and steps["fid_speed"]["seconds_per_10k_png"] > 0
+    assert steps["fid_speed"]["finished"] and steps["fid_speed"]["images"] == 4
+    assert steps["fid_speed"]["seconds_per_10k_png"] > 0
     assert steps["gan_mnist"]["finished"] and steps["gan_mnist"]["fid"] > 0
     assert steps["cfg_mnist"]["finished"] and steps["cfg_mnist"]["fid_w0"] > 0
     assert 0 <= steps["cfg_mnist"]["right_digit_w7.5"] <= 1
     assert summary["tiny"] and summary["total_seconds"] < 900
+
+
+def test_a_step_that_fails_is_recorded_and_the_others_still_run(tmp_path):
+    (tmp_path / "broken.pth").write_bytes(b"not a state dict")  # every step stops at the Inception weights
+    out = tmp_path / "gpu"
+    result = run_gpu_benchmark(out, "--inception", tmp_path / "broken.pth")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    steps = json.loads((out / "gpu.json").read_text())["steps"]
+    assert set(steps) == {"ddpm_mnist_epochs_30", "fid_speed", "gan_mnist", "cfg_mnist"}
+    assert not any(step["finished"] for step in steps.values())
+    assert "broken.pth" in steps["fid_speed"]["error"]  # fid.py's sentence, raised in this process
 
 
 # ---------------------------------------------------------------------------------------------------------------
