@@ -114,13 +114,17 @@ def read_idx(path):
     """An IDX file (PATH or PATH.gz) as a uint8 tensor, or None if neither is there whole. The format: 0, 0, 8 (the
     bytes are uint8), the number of dimensions D, D big-endian 32-bit sizes, then the bytes."""
     for name, opener in ((path, open), (path + ".gz", gzip.open)):
-        if os.path.isfile(name):
+        if not os.path.isfile(name):
+            continue
+        try:
             with opener(name, "rb") as fh:
                 data = fh.read()
             dims = data[3]
             shape = struct.unpack(f">{dims}I", data[4:4 + 4 * dims])
-            if data[:3] == bytes([0, 0, 8]) and len(data) == 4 + 4 * dims + int(np.prod(shape)):
-                return torch.frombuffer(bytearray(data[4 + 4 * dims:]), dtype=torch.uint8).view(*shape)
+        except (OSError, EOFError, IndexError, struct.error):  # unreadable, or cut off inside its header
+            continue
+        if data[:3] == bytes([0, 0, 8]) and len(data) == 4 + 4 * dims + int(np.prod(shape)):
+            return torch.frombuffer(bytearray(data[4 + 4 * dims:]), dtype=torch.uint8).view(*shape)
     return None
 
 
