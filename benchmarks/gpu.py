@@ -79,7 +79,7 @@ def write_summary(summary, out):
 
 def failure(e):
     """A step run in this process that stopped: its exception, or the sentence its sys.exit gave."""
-    return {"finished": False, "error": str(e) if str(e) else type(e).__name__}
+    return {"finished": False, "error": str(e) or type(e).__name__}
 
 
 def measure_fid_speed(args, device):
@@ -104,9 +104,9 @@ def measure_fid_speed(args, device):
         fid.compute_features(os.path.join(folder, "png"), model, device=device, progress=False)
         png_seconds = time.time() - start
     per_10k = lambda s: round(s * 10_000 / n, 2)
-    return {"finished": True, "images": n, "tensor_seconds": round(tensor_seconds, 2), "png_seconds": round(png_seconds, 2),
-            "seconds_per_10k_tensor": per_10k(tensor_seconds), "seconds_per_10k_png": per_10k(png_seconds),
-            "targets": {"<= 5 s per 10,000": per_10k(png_seconds) <= 5}}
+    return {"finished": True, "images": n, "tensor_seconds": round(tensor_seconds, 2),
+            "png_seconds": round(png_seconds, 2), "seconds_per_10k_tensor": per_10k(tensor_seconds),
+            "seconds_per_10k_png": per_10k(png_seconds), "targets": {"<= 5 s per 10,000": per_10k(png_seconds) <= 5}}
 
 
 def main(argv=None):

@@ -30,16 +30,15 @@ def gzipped_mnist(root, train=600, test=200):
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for split, n in (("train", train), ("t10k", test)):
-        for kind, item in (("images-idx3", 28 * 28), ("labels-idx1", 1)):
+        for kind, header, item in (("images-idx3", 16, 28 * 28), ("labels-idx1", 8, 1)):
             data = (SHARED / "data" / "MNIST" / "raw" / f"{split}-{kind}-ubyte").read_bytes()
-            header = 16 if kind.startswith("images") else 8
             head = data[:4] + n.to_bytes(4, "big") + data[8:header]
             (raw / f"{split}-{kind}-ubyte.gz").write_bytes(gzip.compress(head + data[header:header + n * item]))
     return root
 
 
-def test_the_class_folders_read_gzipped_mnist_as_torchvision_reads_the_originals(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+def test_the_class_folders_read_gzipped_mnist_as_torchvision_reads_the_originals(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import cfg_mnist_classes as bench
     import torchvision
     root = gzipped_mnist(tmp_path / "mnist", train=300, test=100)
