@@ -904,8 +904,7 @@ def main(argv=None):
             + f" (DDIM {eval_steps} steps, eta {args.eta:g}, guidance {args.guidance:g}, classifier guidance "
             + (f"{args.classifier_guidance:g} by {guide_name})" if guide is not None else "0)"))
 
-    metrics = {"device": str(device), "hardware": device_name(device), "torch": torch.__version__, "processes": world_size(),
-               "checkpoint_epoch": state["epoch"]}
+    metrics = {"device": str(device), "hardware": device_name(device), "torch": torch.__version__, "processes": world_size()}
     if not args.sample_only:
         warn_if_slow_on_cpu(args, model, sched, data[:args.batch_size], device, math.ceil(len(data) / args.batch_size),
                             y=labels[:args.batch_size].to(device))
@@ -915,6 +914,7 @@ def main(argv=None):
         write_loss(args, {"training loss": state["losses"]}, f"conditional DDPM training loss (iCLEVR, batch {args.batch_size})")
     if rank() != 0:
         return None  # 32 images per test file: rank 0 samples, writes and grades them alone
+    metrics["checkpoint_epoch"] = state["epoch"]  # the epoch of the weights that sample below, trained or loaded
     if state["classifier"] is not None:
         metrics["classifier"] = {k: v for k, v in state["classifier"].items() if k != "weights"}
 

@@ -180,6 +180,7 @@ def test_tiny_run_writes_every_output(mini, tmp_path, capsys):
     assert len(open(out / "loss.csv").read().splitlines()) == 1 + 2 * 3  # 24 images / batch 8, 2 epochs
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
+    assert saved["epochs"] == saved["checkpoint_epoch"] == 2  # the weights that sampled: after training, not before
     calls = stand_in_calls(str(folder))
     for k, stem in enumerate(("test", "new_test")):
         conditions = json.loads((root / f"{stem}.json").read_text())
