@@ -696,7 +696,7 @@ def sample_images(args, saved, device):
     sched = NoiseSchedule(make_betas(ck.schedule, ck.timesteps)).to(device)
     model = ddpm_mnist.build_model(ck, in_ch).to(device)
     model.load_state_dict(saved["ema"])
-    eps_fn = ddpm_mnist.make_eps_fn(model.eval(), device)
+    eps_fn = ddpm_mnist.make_eps_fn(model.eval(), bf16=device.type == "cuda")
     steps = ck.timesteps if args.sampler == "ddpm" else args.steps
     say(f"image mode: {args.ckpt} ({ck.dataset}, T = {ck.timesteps}), {args.sampler} with {steps} steps")
 

@@ -9,7 +9,9 @@ The steps, in order; each runs with the time that is left of --budget, and is cu
      targets: <= 300 s for the command, FID <= 3.
   2. fid.py's speed on 10,000 MNIST digits, from a tensor and from PNG files; target: <= 5 s per 10,000 images.
   3. gan_baseline.py's defaults on MNIST, FID against the same statistics (10,000 samples).
-  4. cfg_afhq.py on MNIST written as ten class folders (benchmarks/cfg_mnist_classes.py's GPU flags), FID at
+  4. step 1's checkpoint sampled again with --fp32-sampling (the same 10,000 noises, float32 instead of bf16
+     autocast), at most 3 minutes: what bf16 sampling costs in FID and saves in time on this model.
+  5. cfg_afhq.py on MNIST written as ten class folders (benchmarks/cfg_mnist_classes.py's GPU flags), FID at
      w = 0 and the digit classifier's "right digit" at w = 7.5, if time is left.
 Writes OUT/gpu.json (device, torch, each step's command, seconds, numbers, targets met) after every step, so a step
 that fails keeps the ones before it (its own entry says why), and prints it at the end.
@@ -155,7 +157,24 @@ def main(argv=None):
                                      **{k: m.get(k) for k in ("train_seconds", "samples_per_second", "fid", "fid_num_samples")}}
     write_summary(summary, out)
 
-    # 4. Classifier-free guidance on MNIST as class folders, if time is left.
+    # 4. Step 1's model sampled again in float32: the same seed, so the same noise as step 1's bf16 samples.
+    fp32_out = out / "ddpm_mnist_fp32_sampling"
+    if (ddpm_out / "ckpt.pt").is_file():
+        command = [sys.executable, "ddpm_mnist.py", "--sample-only", "--ckpt", ddpm_out / "ckpt.pt", "--fp32-sampling",
+                   "--out", fp32_out, *common] + (["--fid-stats", stats] if stats.is_file() else [])
+        command += ["--num-samples", "8", "--sample-batch-size", "8"] if args.tiny else []
+        seconds, done = run_step("ddpm_mnist --sample-only --fp32-sampling", command, min(left(), 180),
+                                 out / "ddpm_fp32_sampling.log")
+        m = read_json(fp32_out / "metrics.json")
+        summary["steps"]["ddpm_mnist_fp32_sampling"] = {
+            "command": "python ddpm_mnist.py --sample-only --fp32-sampling", "seconds": seconds, "finished": done,
+            **{k: m.get(k) for k in ("sampling_precision", "sample_seconds", "num_samples", "fid")},
+            "bf16_sampling": {k: summary["steps"]["ddpm_mnist_epochs_30"].get(k) for k in ("sample_seconds", "fid")}}
+    else:
+        summary["steps"]["ddpm_mnist_fp32_sampling"] = {"finished": False, "error": "step 1 left no checkpoint"}
+    write_summary(summary, out)
+
+    # 5. Classifier-free guidance on MNIST as class folders, if time is left.
     if left() > 60:
         import cfg_mnist_classes as bench
         data, classifier = out / "mnist_classes", out / "digit_classifier.pt2"

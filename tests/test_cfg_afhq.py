@@ -69,9 +69,8 @@ def test_scale_0_is_the_conditional_model_and_scale_minus_1_the_unconditional_on
     with torch.no_grad():
         eps_cond, eps_uncond = model(x, t, y), model(x, t, torch.zeros_like(y))
     assert (eps_cond - eps_uncond).abs().max() > 1e-2  # the label matters, so the checks below can fail
-    cpu = torch.device("cpu")
-    torch.testing.assert_close(cfg.make_cfg_eps_fn(model, y, 0.0, cpu)(x, t), eps_cond, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cfg.make_cfg_eps_fn(model, y, -1.0, cpu)(x, t), eps_uncond, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cfg.make_cfg_eps_fn(model, y, 0.0, bf16=False)(x, t), eps_cond, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cfg.make_cfg_eps_fn(model, y, -1.0, bf16=False)(x, t), eps_uncond, rtol=1e-5, atol=1e-5)
     assert torch.equal(cfg.guided_eps(eps_cond, eps_uncond, 0.0), eps_cond)
     torch.testing.assert_close(cfg.guided_eps(eps_cond, eps_uncond, -1.0), eps_uncond)
     torch.testing.assert_close(cfg.guided_eps(eps_cond, eps_uncond, 2.0), 3 * eps_cond - 2 * eps_uncond)
@@ -83,7 +82,7 @@ def test_the_doubled_batch_equals_two_separate_passes(w):
     x, t, y = torch.randn(5, 3, 8, 8), torch.tensor([19, 10, 5, 1, 0]), torch.tensor([3, 1, 2, 2, 1])
     calls = []
     model.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
-    guided = cfg.make_cfg_eps_fn(model, y, w, torch.device("cpu"))(x, t)
+    guided = cfg.make_cfg_eps_fn(model, y, w, bf16=False)(x, t)
     assert calls == [10]  # one pass over the doubled batch
     with torch.no_grad():
         separate = cfg.guided_eps(model(x, t, y), model(x, t, torch.zeros_like(y)), w)

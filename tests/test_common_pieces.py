@@ -58,6 +58,29 @@ def test_eta_between_0_and_1_keeps_the_marginal_variance():
 
 
 # --- the EMA warms up ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", ["ddpm_mnist", "cfg_afhq", "cond_iclevr"])
+def test_sampling_is_bf16_only_on_a_gpu_and_not_with_fp32_sampling(script):
+    module = __import__(script)
+    default, fp32 = module.build_parser().parse_args([]), module.build_parser().parse_args(["--fp32-sampling"])
+    assert module.sample_in_bf16(default, torch.device("cuda"))
+    assert not module.sample_in_bf16(fp32, torch.device("cuda"))
+    assert not module.sample_in_bf16(default, torch.device("cpu"))
+
+
+def test_bf16_sampling_rounds_the_models_noise_and_float32_does_not():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(16, 1, 3, padding=1))
+    model = lambda x, t: net(x)  # noqa: E731 (eps_fn's model takes x and t)
+    x, t = torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)
+    with torch.no_grad():
+        exact = net(x)
+        in_fp32, in_bf16 = dm.make_eps_fn(model, bf16=False)(x, t), dm.make_eps_fn(model, bf16=True)(x, t)
+    assert in_fp32.dtype == in_bf16.dtype == torch.float32
+    assert torch.equal(in_fp32, exact)
+    assert not torch.equal(in_bf16, exact)  # autocast engaged: bf16 keeps 8 bits of mantissa
+    torch.testing.assert_close(in_bf16, exact, rtol=0.05, atol=0.05)
+
+
 def test_ema_decay_warms_up_and_is_saved_with_the_run():
     model = torch.nn.Linear(1, 1, bias=False)
     ema = dm.make_ema(model, 0.999)

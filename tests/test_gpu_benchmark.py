@@ -61,12 +61,15 @@ def test_every_step_of_the_gpu_benchmark_runs_at_toy_sizes_from_gzipped_mnist(tm
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     summary = json.loads((out / "gpu.json").read_text())
     steps = summary["steps"]
-    assert set(steps) == {"ddpm_mnist_epochs_30", "fid_speed", "gan_mnist", "cfg_mnist"}
+    assert set(steps) == {"ddpm_mnist_epochs_30", "fid_speed", "gan_mnist", "ddpm_mnist_fp32_sampling", "cfg_mnist"}
     ddpm = steps["ddpm_mnist_epochs_30"]
     assert ddpm["finished"] and ddpm["num_samples"] == 8 and ddpm["fid"] > 0 and "train16" in ddpm["fid_reference"]
     assert steps["fid_speed"]["finished"] and steps["fid_speed"]["images"] == 4
     assert steps["fid_speed"]["seconds_per_10k_png"] > 0
     assert steps["gan_mnist"]["finished"] and steps["gan_mnist"]["fid"] > 0
+    fp32 = steps["ddpm_mnist_fp32_sampling"]
+    assert fp32["finished"] and fp32["sampling_precision"] == "float32" and fp32["num_samples"] == 8 and fp32["fid"] > 0
+    assert fp32["bf16_sampling"]["fid"] == ddpm["fid"]
     assert steps["cfg_mnist"]["finished"] and steps["cfg_mnist"]["fid_w0"] > 0
     assert 0 <= steps["cfg_mnist"]["right_digit_w7.5"] <= 1
     assert summary["tiny"] and summary["total_seconds"] < 900
@@ -78,7 +81,7 @@ def test_a_step_that_fails_is_recorded_and_the_others_still_run(tmp_path):
     result = run_gpu_benchmark(out, "--inception", tmp_path / "broken.pth")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     steps = json.loads((out / "gpu.json").read_text())["steps"]
-    assert set(steps) == {"ddpm_mnist_epochs_30", "fid_speed", "gan_mnist", "cfg_mnist"}
+    assert set(steps) == {"ddpm_mnist_epochs_30", "fid_speed", "gan_mnist", "ddpm_mnist_fp32_sampling", "cfg_mnist"}
     assert not any(step["finished"] for step in steps.values())
     assert "broken.pth" in steps["fid_speed"]["error"]  # fid.py's sentence, raised in this process
 
@@ -88,20 +91,23 @@ def test_a_step_that_fails_is_recorded_and_the_others_still_run(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def as_on_a_gpu(monkeypatch):
-    """Every torch.autocast("cuda", bf16, enabled=<on a GPU>) becomes the CPU's bf16 autocast, switched on, and every
-    script's channels_last(device) answers as for a GPU. A dtype or layout mistake in those branches then fails here,
-    not in the one call on a lent GPU. Returns the dtypes of the autocast regions entered."""
+    """Every torch.autocast("cuda", bf16, enabled=<on a GPU>) becomes the CPU's bf16 autocast, switched on; every
+    script's channels_last(device) and sample_in_bf16(args, device) answer as for a GPU. A dtype or layout mistake in
+    those branches then fails here, not in the one call on a lent GPU. Returns the dtypes of the autocast regions
+    entered (switched on)."""
     real_autocast, entered = torch.autocast, []
 
     def autocast(device_type, dtype=None, enabled=True, **kwargs):
-        if device_type != "cuda":
-            return real_autocast(device_type, dtype=dtype, enabled=enabled, **kwargs)
-        entered.append(dtype)
-        return real_autocast("cpu", dtype=dtype, enabled=True, **kwargs)
+        enabled = enabled or device_type == "cuda"
+        if enabled:
+            entered.append(dtype)
+        return real_autocast("cpu", dtype=dtype, enabled=enabled, **kwargs)
 
     monkeypatch.setattr(torch, "autocast", autocast)
     for module in (dm, gb, cfg, ci):
         monkeypatch.setattr(module, "channels_last", lambda device: torch.channels_last)
+    for module in (dm, cfg, ci):
+        monkeypatch.setattr(module, "sample_in_bf16", lambda args, device: not args.fp32_sampling)
     return entered
 
 
@@ -138,6 +144,8 @@ def test_the_gpu_branches_run_whole_tiny_runs_in_bf16(as_on_a_gpu, tmp_path):
                       "--epochs", "1", "--device", "cpu", "--ch", "8", "--ch-mult", "1", "1", "1", "1",
                       "--num-res-blocks", "1", "--attn-res", "0", "--timesteps", "8", "--batch-size", "8", "--warmup",
                       "2"])
+    for run in ("ddpm", "cfg", "iclevr_run"):  # sampled in bf16, as on a GPU
+        assert json.loads((tmp_path / run / "metrics.json").read_text())["sampling_precision"] == "bf16", run
     for run in ("ddpm", "dcgan", "stylegan"):
         assert json.loads((tmp_path / run / "metrics.json").read_text())["num_samples"] == 4, run
         pngs = sorted((tmp_path / run / "samples").glob("*.png"))
