@@ -772,14 +772,17 @@ class FlagParser(argparse.ArgumentParser):
 def parse_with_preset(parser, argv):
     """Parse argv, with --preset's values as the defaults: an explicit flag still wins over the preset.
 
-    --epochs and --iters are one choice, when to stop, so an explicit --epochs also sets aside a preset's --iters."""
+    --epochs and --iters are one choice, when to stop, so an explicit --epochs also sets aside a preset's --iters;
+    likewise an explicit --sampler ddpm (all T steps) sets aside a preset's DDIM --steps."""
     # argparse leaves a value the namespace already holds unless its flag is given: None afterwards means "not given".
-    given = parser.parse_known_args(argv, argparse.Namespace(epochs=None, iters=None))[0]
+    given = parser.parse_known_args(argv, argparse.Namespace(epochs=None, iters=None, sampler=None, steps=None))[0]
     if given.preset:
         parser.set_defaults(**PRESETS[given.preset])
     args = parser.parse_args(argv)
     if given.epochs is not None and given.iters is None:
         args.iters = None
+    if given.sampler == "ddpm" and given.steps is None:
+        args.steps = None
     return args
 
 

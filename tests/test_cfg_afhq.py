@@ -107,6 +107,19 @@ def test_an_explicit_epochs_sets_aside_a_presets_iters(argv, iters, epochs):
     assert (args.iters, args.epochs) == (iters, epochs)
 
 
+@pytest.mark.parametrize("script", ["ddpm_mnist", "cfg_afhq", "cond_iclevr"])  # ddim.py's preset keeps its sampler
+def test_an_explicit_ddpm_sampler_sets_aside_a_presets_ddim_steps(script):
+    """--preset cpu samples with DDIM and a step count; --sampler ddpm takes all T steps, so the preset's count must
+    not reach the check that --steps goes with DDIM (it did: "--steps applies to --sampler ddim")."""
+    module = __import__(script)
+    parse = lambda argv: module.parse_with_preset(module.build_parser(), ["--preset", "cpu"] + argv)  # noqa: E731
+    assert parse([]).steps is not None and module.PRESETS["cpu"]["sampler"] == "ddim"
+    args = parse(["--sampler", "ddpm"])
+    assert (args.sampler, args.steps) == ("ddpm", None)
+    assert parse(["--sampler", "ddim", "--steps", "7"]).steps == 7
+    assert parse(["--sampler", "ddpm", "--steps", "7"]).steps == 7  # given together: the check says they clash
+
+
 def export_colour_classifier(path):
     """The class check for the tiny data: the mean of each colour channel as the logits (red = cat, ...)."""
     class Colour(torch.nn.Module):
