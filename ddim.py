@@ -155,6 +155,8 @@ def build_parser():
     a("--fid-steps", type=int, nargs="*", default=[10, 20, 50, 100], help="image mode: step counts of the FID table")
     a("--fid-stats", default=None, help="image mode: reference statistics .npz (as ddpm_mnist.py)")
     a("--inception", default=None, help="image mode: FID Inception weights (as ddpm_mnist.py)")
+    a("--fp32-sampling", action="store_true",
+      help="image mode: sample in float32 on a GPU too (default there: bf16 autocast, faster, a little less exact)")
     return p
 
 
@@ -696,7 +698,7 @@ def sample_images(args, saved, device):
     sched = NoiseSchedule(make_betas(ck.schedule, ck.timesteps)).to(device)
     model = ddpm_mnist.build_model(ck, in_ch).to(device)
     model.load_state_dict(saved["ema"])
-    eps_fn = ddpm_mnist.make_eps_fn(model.eval(), bf16=device.type == "cuda")
+    eps_fn = ddpm_mnist.make_eps_fn(model.eval(), ddpm_mnist.sample_in_bf16(args, device))
     steps = ck.timesteps if args.sampler == "ddpm" else args.steps
     say(f"image mode: {args.ckpt} ({ck.dataset}, T = {ck.timesteps}), {args.sampler} with {steps} steps")
 
@@ -717,7 +719,8 @@ def sample_images(args, saved, device):
     ddpm_mnist.save_process(frames, os.path.join(args.out, "process.png"), os.path.join(args.out, "process.gif"))
     metrics = {"device": str(device), "hardware": device_name(device), "torch": torch.__version__, "ckpt": args.ckpt,
                "sampler": args.sampler, "sampling_steps": steps, "eta": args.eta if args.sampler == "ddim" else None,
-               "spacing": args.spacing}
+               "spacing": args.spacing,
+               "sampling_precision": "bf16" if ddpm_mnist.sample_in_bf16(args, device) else "float32"}
     t0 = time.time()
     images = draw(args.num_samples, args.sampler, steps, g, args.spacing)
     metrics.update(num_samples=len(images), sample_seconds=round(time.time() - t0, 1))

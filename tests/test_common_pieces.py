@@ -67,6 +67,11 @@ def test_sampling_is_bf16_only_on_a_gpu_and_not_with_fp32_sampling(script):
     assert not module.sample_in_bf16(default, torch.device("cpu"))
 
 
+def test_ddims_image_mode_takes_fp32_sampling_through_ddpm_mnists_switch():
+    default, fp32 = ddim.build_parser().parse_args([]), ddim.build_parser().parse_args(["--fp32-sampling"])
+    assert dm.sample_in_bf16(default, torch.device("cuda")) and not dm.sample_in_bf16(fp32, torch.device("cuda"))
+
+
 def test_bf16_sampling_rounds_the_models_noise_and_float32_does_not():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(16, 1, 3, padding=1))
