@@ -536,8 +536,8 @@ def make_cfg_eps_fn(model, labels, w, bf16):
 
 def sample_in_bf16(args, device):
     """Sampling runs in bf16 autocast on a GPU, for speed, unless --fp32-sampling; on the CPU always in float32.
-    bf16 is not free: on cfg_afhq.py's CPU model, the same checkpoint and noise sampled in bf16 gave FID about 1
-    higher at w = 0 and 2 higher at w = 7.5 than in float32 (README, cfg_afhq.py section)."""
+    bf16 is not free: it rounds every layer to 8 bits of mantissa, and guidance multiplies the rounding by w; on a
+    small CPU model it scored worse FID than float32 (README, cfg_afhq.py section). benchmarks/gpu.py measures both."""
     return device.type == "cuda" and not args.fp32_sampling
 
 
