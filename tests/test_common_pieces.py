@@ -17,6 +17,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import cfg_afhq  # noqa: E402
+import cond_iclevr  # noqa: E402 (the script: benchmarks/ has one of the same name)
 import ddim  # noqa: E402
 import ddpm_mnist as dm  # noqa: E402
 import fid  # noqa: E402
@@ -58,9 +60,8 @@ def test_eta_between_0_and_1_keeps_the_marginal_variance():
 
 
 # --- the EMA warms up ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("script", ["ddpm_mnist", "cfg_afhq", "cond_iclevr"])
-def test_sampling_is_bf16_only_on_a_gpu_and_not_with_fp32_sampling(script):
-    module = __import__(script)
+@pytest.mark.parametrize("module", [dm, cfg_afhq, cond_iclevr], ids=lambda m: m.__name__)
+def test_sampling_is_bf16_only_on_a_gpu_and_not_with_fp32_sampling(module):
     default, fp32 = module.build_parser().parse_args([]), module.build_parser().parse_args(["--fp32-sampling"])
     assert module.sample_in_bf16(default, torch.device("cuda"))
     assert not module.sample_in_bf16(fp32, torch.device("cuda"))
