@@ -4,13 +4,16 @@
   python benchmarks/gpu.py --tiny --device cpu                 # the same steps at toy sizes (the test runs this)
 
 The steps, in order; each runs with the time that is left of --budget, and is cut off (and said so) at the end:
+  0. where the time goes: milliseconds per training step and per denoising call of ddpm_mnist.py's default UNet,
+     with the variants that tuning would choose between (loss read-back, fused AdamW, layout, batch, cudnn.benchmark,
+     a CUDA graph), about half a minute.
   1. the student's command, `python ddpm_mnist.py --epochs 30`, whole: training, 10,000 samples and their FID
      against the 60,000 training digits, whose statistics it computes itself the first time;
      targets: <= 300 s for the command, FID <= 3.
   2. fid.py's speed on 10,000 MNIST digits, from a tensor and from PNG files; target: <= 5 s per 10,000 images.
   3. gan_baseline.py's defaults on MNIST, FID against the same statistics (10,000 samples).
-  4. step 1's checkpoint sampled again with --fp32-sampling (the same 10,000 noises, float32 instead of bf16
-     autocast), at most 3 minutes: what bf16 sampling costs in FID and saves in time on this model.
+  4. what bf16 sampling costs: step 1's checkpoint samples the same 2,000 noises in bf16 autocast (the GPU's
+     default) and in float32 (--fp32-sampling), each graded by FID against the same statistics; at most 5 minutes.
   5. cfg_afhq.py on MNIST written as ten class folders (benchmarks/cfg_mnist_classes.py's GPU flags), FID at
      w = 0 and the digit classifier's "right digit" at w = 7.5, if time is left.
 Writes OUT/gpu.json (device, torch, each step's command, seconds, numbers, targets met) after every step, so a step
@@ -22,6 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -54,17 +58,32 @@ def build_parser():
 
 
 def run_step(name, command, seconds_left, log):
-    """Run one command with what is left of the budget; returns (seconds, finished)."""
+    """Run one command with what is left of the budget; returns (seconds, finished). Every line the command prints
+    goes to log with the seconds since the step began, so a log says where the time went, also for a step cut off."""
     start = time.time()
     if seconds_left < 10:
         return 0.0, False
     print(f"\n[{name}] {' '.join(map(str, command))}", flush=True)
     with open(log, "w") as fh:
+        proc = subprocess.Popen([str(c) for c in command], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+        def copy_lines():
+            for line in proc.stdout:
+                fh.write(f"{time.time() - start:7.1f}s  {line}")
+                fh.flush()
+
+        reader = threading.Thread(target=copy_lines, daemon=True)
+        reader.start()
         try:
-            code = subprocess.run([str(c) for c in command], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
-                                  timeout=seconds_left).returncode
+            code = proc.wait(timeout=seconds_left)
         except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            reader.join(timeout=5)
+            fh.write(f"{time.time() - start:7.1f}s  [cut off: the budget ran out]\n")
             return round(time.time() - start, 1), False
+        reader.join(timeout=5)
     if code != 0:
         print(f"[{name}] failed with exit status {code}; see {log}", flush=True)
     return round(time.time() - start, 1), code == 0
@@ -111,6 +130,103 @@ def measure_fid_speed(args, device):
             "seconds_per_10k_png": per_10k(png_seconds), "targets": {"<= 5 s per 10,000": per_10k(png_seconds) <= 5}}
 
 
+def measure_step_times(args, device):
+    """Where step 1's time goes, to tune the GPU path: milliseconds per training step of ddpm_mnist.py's default UNet
+    (as train() takes it, loss read back every step; without the read-back; fused AdamW; the plain layout instead of
+    channels_last; batch 512) and per denoising call of a sampling batch (bf16 and float32, 1000 and 2500 images,
+    cudnn.benchmark, a CUDA graph of the call). Each variant is timed after a warm-up; one that fails says why."""
+    import torch
+    import ddpm_mnist as dm
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    a = dm.parse_args(["--device", device] + (["--ch", "8"] if args.tiny else []))
+    sched = dm.NoiseSchedule(dm.make_betas(a.schedule, a.timesteps)).to(dev)
+    warm, reps = (1, 2) if args.tiny else (5, 20)
+
+    def ms_per_call(fn):
+        for _ in range(warm):
+            fn()
+        sync()
+        start = time.time()
+        for _ in range(reps):
+            fn()
+        sync()
+        return round((time.time() - start) / reps * 1000, 3)
+
+    def train_variant(batch, layout, read_loss, fused):
+        torch.manual_seed(0)
+        model = dm.build_model(a, 1).to(dev, memory_format=layout)
+        ema = dm.make_ema(model, a.ema_decay)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0, fused=fused or None)
+
+        def step():
+            x0 = torch.randn(batch, 1, 28, 28, device=dev).contiguous(memory_format=layout)
+            t = torch.randint(0, sched.T, (batch,), device=dev)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                loss = dm.diffusion_loss(model, sched, x0, t, torch.randn_like(x0))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+            optimizer.step()
+            ema.update_parameters(model)
+            if read_loss:
+                loss.item()
+        return ms_per_call(step)
+
+    def sample_variant(model, batch, bf16, graph):
+        eps_fn = dm.make_eps_fn(model, bf16)
+        x = torch.randn(batch, 1, 28, 28, device=dev).contiguous(memory_format=dm.channels_last(dev))
+        t = torch.full((batch,), 500, device=dev, dtype=torch.long)
+        if not graph:
+            return ms_per_call(lambda: eps_fn(x, t))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graph asks
+            for _ in range(3):
+                eps_fn(x, t)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(g):
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):  # no cast cache across a capture
+                model(x, t).float()
+        return ms_per_call(g.replay)
+
+    def record(table, name, fn, *fn_args):
+        try:
+            table[name] = fn(*fn_args)
+        except Exception as e:  # one variant failing (a CUDA graph, say) leaves the others
+            table[name] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+
+    cl, plain = torch.channels_last if cuda else torch.contiguous_format, torch.contiguous_format
+    b, big = (16, 32) if args.tiny else (128, 512)
+    train = {}
+    record(train, f"batch {b}, as train() runs it (loss read every step)", train_variant, b, cl, True, False)
+    record(train, f"batch {b}, loss not read back", train_variant, b, cl, False, False)
+    record(train, f"batch {b}, loss not read back, fused AdamW", train_variant, b, cl, False, True)
+    record(train, f"batch {b}, plain layout, loss not read back", train_variant, b, plain, False, False)
+    record(train, f"batch {big}, loss not read back", train_variant, big, cl, False, False)
+    torch.manual_seed(0)
+    model = dm.build_model(a, 1).to(dev, memory_format=cl).eval().requires_grad_(False)
+    n1, n2 = (8, 16) if args.tiny else (1000, 2500)
+    samp = {}
+    with torch.no_grad():
+        record(samp, f"batch {n1}, bf16", sample_variant, model, n1, True, False)
+        record(samp, f"batch {n1}, float32", sample_variant, model, n1, False, False)
+        record(samp, f"batch {n2}, bf16", sample_variant, model, n2, True, False)
+        record(samp, f"batch {n2}, float32", sample_variant, model, n2, False, False)
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+            record(samp, f"batch {n1}, bf16, cudnn.benchmark", sample_variant, model, n1, True, False)
+            record(samp, f"batch {n1}, float32, cudnn.benchmark", sample_variant, model, n1, False, False)
+            torch.backends.cudnn.benchmark = False
+            record(samp, f"batch {n1}, bf16, CUDA graph", sample_variant, model, n1, True, True)
+    forward_gflop = 2.435 if not args.tiny else None  # the default UNet's forward pass per 28x28 image (FlopCounterMode)
+    return {"finished": True, "train_ms_per_step": train, "sample_ms_per_denoising_call": samp,
+            "forward_gflop_per_image": forward_gflop, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     out = Path(args.out).resolve()
@@ -118,12 +234,20 @@ def main(argv=None):
     device = args.device or "cuda"
     import torch
     summary = {"device": torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available()
-               else f"cpu ({torch.get_num_threads()} threads)", "torch": torch.__version__, "tiny": args.tiny,
+               else f"cpu ({torch.get_num_threads()} threads)", "torch": torch.__version__, "cuda": torch.version.cuda, "tiny": args.tiny,
                "budget_seconds": args.budget, "steps": {}}
     deadline = time.time() + args.budget
     left = lambda: deadline - time.time()
     common = ["--data-dir", args.data_dir, "--device", device] + (["--inception", args.inception]
                                                                   if os.path.isfile(args.inception) else [])
+
+    # 0. Where the default UNet's time goes, step by step (about half a minute): first, so that it is measured
+    # even if step 1 runs out of time.
+    try:
+        summary["steps"]["step_times"] = measure_step_times(args, device)
+    except (Exception, SystemExit) as e:
+        summary["steps"]["step_times"] = failure(e)
+    write_summary(summary, out)
 
     # 1. The student's command. Its 60k reference statistics land in OUT/fid_stats_mnist_train60k.npz (computed
     # by the run itself), which the GAN step reuses.
@@ -138,8 +262,8 @@ def main(argv=None):
         "targets": {"seconds <= 300": done and seconds <= 300, "fid <= 3": m.get("fid") is not None and m["fid"] <= 3}}
     write_summary(summary, out)
 
-    # 2. fid.py's speed on 10,000 digits. Steps 2 and 4 run partly in this process: a failure there (an exception,
-    # or a loader's sys.exit with its sentence) is recorded in gpu.json, and the steps after it still run.
+    # 2. fid.py's speed on 10,000 digits. Steps 0, 2 and 5 run partly in this process: a failure there (an
+    # exception, or a loader's sys.exit with its sentence) is recorded in gpu.json, and the steps after it still run.
     if left() > 10:
         try:
             summary["steps"]["fid_speed"] = measure_fid_speed(args, device)
@@ -157,21 +281,25 @@ def main(argv=None):
                                      **{k: m.get(k) for k in ("train_seconds", "samples_per_second", "fid", "fid_num_samples")}}
     write_summary(summary, out)
 
-    # 4. Step 1's model sampled again in float32: the same seed, so the same noise as step 1's bf16 samples.
-    fp32_out = out / "ddpm_mnist_fp32_sampling"
+    # 4. What bf16 sampling costs: step 1's model samples the same 2,000 noises twice (--sample-only, so the same
+    # seed and batches), in bf16 autocast (the GPU's default) and in float32 (--fp32-sampling), both graded against
+    # step 1's statistics. 2,000 and not 10,000: the float32 pass alone would take minutes.
     if (ddpm_out / "ckpt.pt").is_file():
-        command = [sys.executable, "ddpm_mnist.py", "--sample-only", "--ckpt", ddpm_out / "ckpt.pt", "--fp32-sampling",
-                   "--out", fp32_out, *common] + (["--fid-stats", stats] if stats.is_file() else [])
-        command += ["--num-samples", "8", "--sample-batch-size", "8"] if args.tiny else []
-        seconds, done = run_step("ddpm_mnist --sample-only --fp32-sampling", command, min(left(), 180),
-                                 out / "ddpm_fp32_sampling.log")
-        m = read_json(fp32_out / "metrics.json")
-        summary["steps"]["ddpm_mnist_fp32_sampling"] = {
-            "command": "python ddpm_mnist.py --sample-only --fp32-sampling", "seconds": seconds, "finished": done,
-            **{k: m.get(k) for k in ("sampling_precision", "sample_seconds", "num_samples", "fid")},
-            "bf16_sampling": {k: summary["steps"]["ddpm_mnist_epochs_30"].get(k) for k in ("sample_seconds", "fid")}}
+        precision = {}
+        for name, flags in (("default", []), ("fp32_sampling", ["--fp32-sampling"])):
+            sample_out = out / f"ddpm_mnist_sampling_{name}"
+            command = [sys.executable, "ddpm_mnist.py", "--sample-only", "--ckpt", ddpm_out / "ckpt.pt", *flags,
+                       "--num-samples", 8 if args.tiny else 2000, "--out", sample_out, *common]
+            command += (["--fid-stats", stats] if stats.is_file() else []) + (["--sample-batch-size", 8] if args.tiny else [])
+            seconds, done = run_step(f"ddpm_mnist --sample-only {' '.join(flags)}", command, min(left(), 150),
+                                     out / f"ddpm_sampling_{name}.log")
+            m = read_json(sample_out / "metrics.json")
+            precision[name] = {"command": f"python ddpm_mnist.py --sample-only --num-samples 2000 {' '.join(flags)}".strip(),
+                               "seconds": seconds, "finished": done,
+                               **{k: m.get(k) for k in ("sampling_precision", "sample_seconds", "num_samples", "fid")}}
+        summary["steps"]["sampling_precision"] = {"finished": all(v["finished"] for v in precision.values()), **precision}
     else:
-        summary["steps"]["ddpm_mnist_fp32_sampling"] = {"finished": False, "error": "step 1 left no checkpoint"}
+        summary["steps"]["sampling_precision"] = {"finished": False, "error": "step 1 left no checkpoint"}
     write_summary(summary, out)
 
     # 5. Classifier-free guidance on MNIST as class folders, if time is left.

@@ -49,6 +49,9 @@ def test_the_class_folders_read_gzipped_mnist_as_torchvision_reads_the_originals
         assert images.dtype == original.data.dtype and labels.dtype == original.targets.dtype
 
 
+STEPS = {"step_times", "ddpm_mnist_epochs_30", "fid_speed", "gan_mnist", "sampling_precision", "cfg_mnist"}
+
+
 def run_gpu_benchmark(out, *flags):
     return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--device", "cpu",
                            "--out", str(out), "--budget", "900", *map(str, flags)], cwd=ROOT, capture_output=True,
@@ -61,15 +64,22 @@ def test_every_step_of_the_gpu_benchmark_runs_at_toy_sizes_from_gzipped_mnist(tm
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     summary = json.loads((out / "gpu.json").read_text())
     steps = summary["steps"]
-    assert set(steps) == {"ddpm_mnist_epochs_30", "fid_speed", "gan_mnist", "ddpm_mnist_fp32_sampling", "cfg_mnist"}
+    assert set(steps) == STEPS
     ddpm = steps["ddpm_mnist_epochs_30"]
     assert ddpm["finished"] and ddpm["num_samples"] == 8 and ddpm["fid"] > 0 and "train16" in ddpm["fid_reference"]
     assert steps["fid_speed"]["finished"] and steps["fid_speed"]["images"] == 4
     assert steps["fid_speed"]["seconds_per_10k_png"] > 0
     assert steps["gan_mnist"]["finished"] and steps["gan_mnist"]["fid"] > 0
-    fp32 = steps["ddpm_mnist_fp32_sampling"]
-    assert fp32["finished"] and fp32["sampling_precision"] == "float32" and fp32["num_samples"] == 8 and fp32["fid"] > 0
-    assert fp32["bf16_sampling"]["fid"] == ddpm["fid"]
+    precision = steps["sampling_precision"]
+    assert precision["finished"]
+    for leg in (precision["default"], precision["fp32_sampling"]):
+        assert leg["finished"] and leg["num_samples"] == 8 and leg["fid"] > 0
+        assert leg["sampling_precision"] == "float32"  # the CPU samples in float32 either way ...
+    assert precision["default"]["fid"] == precision["fp32_sampling"]["fid"]  # ... so the same noises, the same FID
+    times = steps["step_times"]
+    assert times["finished"] and len(times["train_ms_per_step"]) == 5 and len(times["sample_ms_per_denoising_call"]) == 4
+    assert all(isinstance(ms, float) and ms > 0 for table in ("train_ms_per_step", "sample_ms_per_denoising_call")
+               for ms in times[table].values()), times  # no variant failed
     assert steps["cfg_mnist"]["finished"] and steps["cfg_mnist"]["fid_w0"] > 0
     assert 0 <= steps["cfg_mnist"]["right_digit_w7.5"] <= 1
     assert summary["tiny"] and summary["total_seconds"] < 900
@@ -81,8 +91,9 @@ def test_a_step_that_fails_is_recorded_and_the_others_still_run(tmp_path):
     result = run_gpu_benchmark(out, "--inception", tmp_path / "broken.pth")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     steps = json.loads((out / "gpu.json").read_text())["steps"]
-    assert set(steps) == {"ddpm_mnist_epochs_30", "fid_speed", "gan_mnist", "ddpm_mnist_fp32_sampling", "cfg_mnist"}
-    assert not any(step["finished"] for step in steps.values())
+    assert set(steps) == STEPS
+    assert steps["step_times"]["finished"]  # the one step that needs no Inception weights
+    assert not any(step["finished"] for name, step in steps.items() if name != "step_times")
     assert "broken.pth" in steps["fid_speed"]["error"]  # fid.py's sentence, raised in this process
 
 
