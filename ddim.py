@@ -136,7 +136,7 @@ def build_parser():
     a("--seed", type=int, default=0,
       help="seeds the data, the training and the sampling noise (with --sample-only: the fresh points and the sampling)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
-    a("--compile", action="store_true", help="torch.compile the model for training")
+    a("--compile", action="store_true", help="torch.compile the model for training (and image mode's sampling)")
     a("--out", default=None, help="output folder (default runs/ddim; runs/ddim_images in image mode)")
     a("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt")
     a("--ckpt-every", type=int, default=1000, help="write OUT/ckpt.pt every this many iterations")
@@ -698,7 +698,8 @@ def sample_images(args, saved, device):
     sched = NoiseSchedule(make_betas(ck.schedule, ck.timesteps)).to(device)
     model = ddpm_mnist.build_model(ck, in_ch).to(device)
     model.load_state_dict(saved["ema"])
-    eps_fn = ddpm_mnist.make_eps_fn(model.eval(), ddpm_mnist.sample_in_bf16(args, device))
+    net = ddpm_mnist.sampling_network(model.eval(), args)
+    eps_fn = ddpm_mnist.make_eps_fn(net, ddpm_mnist.sample_in_bf16(args, device))
     steps = ck.timesteps if args.sampler == "ddpm" else args.steps
     say(f"image mode: {args.ckpt} ({ck.dataset}, T = {ck.timesteps}), {args.sampler} with {steps} steps")
 

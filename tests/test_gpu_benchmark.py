@@ -166,3 +166,88 @@ def test_the_gpu_branches_run_whole_tiny_runs_in_bf16(as_on_a_gpu, tmp_path):
         assert len(list((tmp_path / "cfg").glob(f"samples_w{w}/*/*.png"))) == 3
     accuracy = json.loads((tmp_path / "iclevr_run" / "metrics.json").read_text())["accuracy"]
     assert set(accuracy) == {"test", "new_test"} and all(0 <= a <= 1 for a in accuracy.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --compile: the training network and the sampling network go through torch.compile (it pays for sampling on a GPU)
+# ---------------------------------------------------------------------------------------------------------------
+def test_compile_sends_the_training_and_the_sampling_network_through_torch_compile(monkeypatch, tmp_path):
+    import ddim
+    compiled = []  # the training mode of every module handed to torch.compile; the module is returned as it is
+
+    def record(module, **kwargs):
+        compiled.append(module.training)
+        return module
+
+    monkeypatch.setattr(torch, "compile", record)
+    mnist = ["--data-dir", str(SHARED / "data"), "--limit", "32", "--device", "cpu", "--no-fid", "--compile"]
+    dm.main([*mnist, "--out", str(tmp_path / "ddpm"), "--ch", "8", "--timesteps", "10", "--batch-size", "16",
+             "--epochs", "1", "--num-samples", "4", "--sample-batch-size", "4"])
+    assert sorted(compiled) == [False, True]  # the training network, and the sampling one (the EMA's, in eval mode)
+    compiled.clear()
+    ddim.main(["--ckpt", str(tmp_path / "ddpm" / "ckpt.pt"), "--steps", "3", "--num-samples", "4", "--no-fid",
+               "--device", "cpu", "--out", str(tmp_path / "ddim_images"), "--compile"])
+    assert compiled == [False]  # image mode only samples
+    compiled.clear()
+    cfg.main(["--data-dir", str(tiny_class_folders(tmp_path / "classes")), "--out", str(tmp_path / "cfg"),
+              "--image-size", "16", "--ch", "8", "--ch-mult", "1", "2", "--num-res-blocks", "1", "--timesteps", "10",
+              "--batch-size", "4", "--epochs", "1", "--device", "cpu", "--num-samples", "3", "--cfg-scales", "0",
+              "--no-fid", "--compile"])
+    assert sorted(compiled) == [False, True]
+    compiled.clear()
+    mini = tmp_path / "iclevr"
+    write_miniature_iclevr(mini, num_train=8, num_test=32, seed=1)
+    ci.main(["--data-dir", str(mini), "--evaluator-dir", str(write_stand_in_evaluator(tmp_path / "evaluator")),
+             "--out", str(tmp_path / "iclevr_run"), "--epochs", "1", "--device", "cpu", "--ch", "8", "--ch-mult", "1",
+             "1", "1", "1", "--num-res-blocks", "1", "--attn-res", "0", "--timesteps", "8", "--batch-size", "8",
+             "--compile"])
+    assert sorted(compiled) == [False, True]  # sampling's first: it also grades during training
+
+
+def test_compiled_sampling_draws_the_images_eager_sampling_draws(tmp_path):
+    """torch.compile for real (on this CPU): the same checkpoint and seed give the same digits, compiled or not,
+    up to a rounding step of the uint8 images (compiled kernels may add in another order)."""
+    mnist = ["--data-dir", str(SHARED / "data"), "--device", "cpu", "--no-fid"]
+    dm.main([*mnist, "--limit", "64", "--out", str(tmp_path / "run"), "--ch", "8", "--timesteps", "10",
+             "--batch-size", "32", "--epochs", "1", "--num-samples", "0"])
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    for name, flags in (("eager", []), ("compiled", ["--compile"])):
+        dm.main([*mnist, "--sample-only", "--ckpt", str(ckpt), "--out", str(tmp_path / name), "--num-samples", "6",
+                 "--sample-batch-size", "6", *flags])
+    for i in range(1, 7):
+        eager, compiled = (np.asarray(Image.open(tmp_path / name / "samples" / f"{i:05d}.png")).astype(int)
+                           for name in ("eager", "compiled"))
+        assert eager.std() > 0 and np.abs(eager - compiled).max() <= 1, i
+
+
+def test_the_gpu_profile_runs_at_toy_sizes(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_profile.py"), "--tiny", "--device", "cpu",
+                             "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    profile = json.loads((tmp_path / "profile.json").read_text())
+    times = [*profile["sampling_variants"]["ms_per_call"].values(), *profile["training_variants"]["ms_per_step"].values(),
+             *(profile["training_step_profiled"][k] for k in ("forward_backward_ms", "clip_adamw_ema_ms", "whole_step_ms"))]
+    assert len(times) == 11 and all(isinstance(ms, float) and ms > 0 for ms in times), profile  # none failed
+    assert profile["sampling_call_profiled"]["gpu_kernels"] == 0  # a CPU launches none
+    assert profile["compiled_sampling"] == profile["compiled_training"] == "skipped: --tiny"
+    assert "aten::" in (tmp_path / "profile_sample.txt").read_text()
+    assert "by CPU time" in (tmp_path / "profile_train.txt").read_text()
+
+
+def test_a_training_cut_off_by_the_budget_is_read_back_from_its_log(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu
+    log = tmp_path / "ddpm_mnist.log"  # the shape of the H200's log of 2026-12-04, both of format_seconds' forms
+    log.write_text("    3.5s  note: ... does not exist yet\n"
+                   "    8.5s  UNet 6.80M parameters on cuda\n"
+                   "   13.5s  epoch 1/30  step 70/14070  loss 0.8497  1776 img/s  left 1h16m\n"
+                   "  522.0s  epoch 18/30  step 8114/14070  loss 0.0222  2023 img/s  left 6m16s\n"
+                   "  524.4s  [cut off: the budget ran out]\n")
+    assert gpu.progress_of(log) == {"step": 8114, "steps": 14070, "images_per_second": 2023,
+                                    "projected_train_seconds": round(522.0 - 8.5 + 376)}
+    log.write_text("    8.5s  UNet 6.80M parameters on cuda\n   13.5s  epoch 1/30  step 70/14070  loss 0.8497  "
+                   "1776 img/s  left 1h16m\n")
+    assert gpu.progress_of(log)["projected_train_seconds"] == round(13.5 - 8.5 + 4560)
+    log.write_text("    8.5s  UNet 6.80M parameters on cuda\n")
+    assert gpu.progress_of(log) is None  # cut off before its first step
