@@ -231,6 +231,7 @@ def test_the_gpu_profile_runs_at_toy_sizes(tmp_path):
     assert len(times) == 11 and all(isinstance(ms, float) and ms > 0 for ms in times), profile  # none failed
     assert profile["sampling_call_profiled"]["gpu_kernels"] == 0  # a CPU launches none
     assert profile["compiled_sampling"] == profile["compiled_training"] == "skipped: --tiny"
+    assert profile["compiled_training_cuda_graphs"] == "skipped: --tiny"
     assert "aten::" in (tmp_path / "profile_sample.txt").read_text()
     assert "by CPU time" in (tmp_path / "profile_train.txt").read_text()
 
