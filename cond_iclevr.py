@@ -588,6 +588,7 @@ def sample_in_bf16(args, device):
     small CPU model it scored worse FID than float32 (README, cfg_afhq.py section). benchmarks/gpu.py measures both."""
     return device.type == "cuda" and not args.fp32_sampling
 
+
 def sampling_network(model, args):
     """The network the sampling loop calls: torch.compile'd with --compile. Sampling calls it once per step and batch
     (10,000 DDPM samples: 10,000 calls of 1,000 images), so compiling pays there: on an H200 one such call of the

@@ -440,6 +440,7 @@ def sample_in_bf16(args, device):
     small CPU model it scored worse FID than float32 (README, cfg_afhq.py section). benchmarks/gpu.py measures both."""
     return device.type == "cuda" and not args.fp32_sampling
 
+
 def sampling_network(model, args):
     """The network the sampling loop calls: torch.compile'd with --compile. Sampling calls it once per step and batch
     (10,000 DDPM samples: 10,000 calls of 1,000 images), so compiling pays there: on an H200 one such call of the
@@ -625,6 +626,7 @@ def main(argv=None):
     x_T = torch.randn((8, in_ch, size, size), generator=g, device=device)
     _, frames = sample(eps_fn, sched, x_T, timesteps, args.sampler, args.eta, g, record=56)  # 56 = 7 * 8 frames
     t1 = time.time()
+    # The 10,000 samples through the compiled network with --compile (the 8 above are not worth a compilation).
     sampling_eps_fn = make_eps_fn(sampling_network(ema.module, args), sample_in_bf16(args, device))
     images = generate(sampling_eps_fn, sched, args.num_samples, (in_ch, size, size), timesteps, args, device)
     if rank() != 0:
