@@ -5,8 +5,8 @@
 
 The steps, in order; each runs with the time that is left of --budget, and is cut off (and said so) at the end:
   0. where the time goes: milliseconds per training step and per denoising call of ddpm_mnist.py's default UNet,
-     with the variants that tuning would choose between (loss read-back, fused AdamW, layout, batch, cudnn.benchmark,
-     a CUDA graph), about half a minute.
+     with the variants that tuning would choose between (loss read-back, fused AdamW, layout, batch, TF32 instead of
+     bf16, cudnn.benchmark, a CUDA graph), about half a minute.
   1. fid.py's speed on 10,000 MNIST digits, from a tensor and from PNG files; target: <= 5 s per 10,000 images.
   2. gan_baseline.py's defaults on MNIST, FID against the 60,000 training digits (10,000 samples), whose
      statistics it computes the first time.
@@ -154,10 +154,11 @@ def measure_fid_speed(args, device):
 
 
 def measure_step_times(args, device):
-    """Where step 1's time goes, to tune the GPU path: milliseconds per training step of ddpm_mnist.py's default UNet
+    """Where step 3's time goes, to tune the GPU path: milliseconds per training step of ddpm_mnist.py's default UNet
     (as train() takes it, loss read back every step; without the read-back; fused AdamW; the plain layout instead of
-    channels_last; batch 512) and per denoising call of a sampling batch (bf16 and float32, 1000 and 2500 images,
-    cudnn.benchmark, a CUDA graph of the call). Each variant is timed after a warm-up; one that fails says why."""
+    channels_last; batch 512; float32 with TF32 instead of bf16 autocast) and per denoising call of a sampling batch
+    (bf16 and float32, 1000 and 2500 images, cudnn.benchmark, a CUDA graph of the call). Each variant is timed after
+    a warm-up; one that fails says why."""
     import torch
     import ddpm_mnist as dm
     dev = torch.device(device)
@@ -177,7 +178,7 @@ def measure_step_times(args, device):
         sync()
         return round((time.time() - start) / reps * 1000, 3)
 
-    def train_variant(batch, layout, read_loss, fused):
+    def train_variant(batch, layout, read_loss, fused, bf16=True):
         torch.manual_seed(0)
         model = dm.build_model(a, 1).to(dev, memory_format=layout)
         ema = dm.make_ema(model, a.ema_decay)
@@ -186,7 +187,7 @@ def measure_step_times(args, device):
         def step():
             x0 = torch.randn(batch, 1, 28, 28, device=dev).contiguous(memory_format=layout)
             t = torch.randint(0, sched.T, (batch,), device=dev)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and bf16):
                 loss = dm.diffusion_loss(model, sched, x0, t, torch.randn_like(x0))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -195,7 +196,14 @@ def measure_step_times(args, device):
             ema.update_parameters(model)
             if read_loss:
                 loss.item()
-        return ms_per_call(step)
+        # Without autocast: float32 with TF32 tensor cores (cuDNN's convolutions use them by default, matrix products
+        # when asked). No casts, so fewer kernels (a bf16 step's 2,267 include about 845 copies), each one slower.
+        tf32_before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = not bf16 or tf32_before
+        try:
+            return ms_per_call(step)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32_before
 
     def sample_variant(model, batch, bf16, graph):
         eps_fn = dm.make_eps_fn(model, bf16)
@@ -229,6 +237,8 @@ def measure_step_times(args, device):
     record(train, f"batch {b}, loss not read back, fused AdamW", train_variant, b, cl, False, True)
     record(train, f"batch {b}, plain layout, loss not read back", train_variant, b, plain, False, False)
     record(train, f"batch {big}, loss not read back", train_variant, big, cl, False, False)
+    record(train, f"batch {b}, float32 with TF32 (no autocast), loss not read back", train_variant, b, cl, False, False,
+           False)
     torch.manual_seed(0)
     model = dm.build_model(a, 1).to(dev, memory_format=cl).eval().requires_grad_(False)
     n1, n2 = (8, 16) if args.tiny else (1000, 2500)
@@ -244,7 +254,7 @@ def measure_step_times(args, device):
             record(samp, f"batch {n1}, float32, cudnn.benchmark", sample_variant, model, n1, False, False)
             torch.backends.cudnn.benchmark = False
             record(samp, f"batch {n1}, bf16, CUDA graph", sample_variant, model, n1, True, True)
-    forward_gflop = 2.435 if not args.tiny else None  # the default UNet's forward pass per 28x28 image (FlopCounterMode)
+    forward_gflop = None if args.tiny else 2.435  # the default UNet's forward pass, per image (FlopCounterMode)
     return {"finished": True, "train_ms_per_step": train, "sample_ms_per_denoising_call": samp,
             "forward_gflop_per_image": forward_gflop, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
             "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}

@@ -193,7 +193,8 @@ def main(argv=None):
             call()
             sync()
             compile_seconds = time.time() - begin
-            return {"batch": sample_batch, "compile_seconds": round(compile_seconds, 1), "ms_per_call": ms_per_call(call)}
+            return {"batch": sample_batch, "compile_seconds": round(compile_seconds, 1),
+                    "ms_per_call": ms_per_call(call)}
 
     attempt("compiled_sampling", compiled_sampling)
 

@@ -77,7 +77,7 @@ def test_every_step_of_the_gpu_benchmark_runs_at_toy_sizes_from_gzipped_mnist(tm
         assert leg["sampling_precision"] == "float32"  # the CPU samples in float32 either way ...
     assert precision["default"]["fid"] == precision["fp32_sampling"]["fid"]  # ... so the same noises, the same FID
     times = steps["step_times"]
-    assert times["finished"] and len(times["train_ms_per_step"]) == 5 and len(times["sample_ms_per_denoising_call"]) == 4
+    assert times["finished"] and len(times["train_ms_per_step"]) == 6 and len(times["sample_ms_per_denoising_call"]) == 4
     assert all(isinstance(ms, float) and ms > 0 for table in ("train_ms_per_step", "sample_ms_per_denoising_call")
                for ms in times[table].values()), times  # no variant failed
     assert steps["cfg_mnist"]["finished"] and steps["cfg_mnist"]["fid_w0"] > 0
