@@ -153,7 +153,7 @@ def build_parser():
     a("--seed", type=int, default=0,
       help="seeds the training and the sampling noise (with --sample-only: the sampling alone)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
-    a("--compile", action="store_true", help="torch.compile the model for training and for sampling (GPU)")
+    a("--compile", action="store_true", help="torch.compile the model for training and for sampling (sampling gains most: README)")
     a("--fp32-sampling", action="store_true",
       help="sample in float32 on a GPU too (default there: bf16 autocast, faster, a little less exact)")
     a("--out", default="runs/cfg_afhq", help="folder for checkpoint, images and metrics")
