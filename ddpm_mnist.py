@@ -146,7 +146,7 @@ def parse_args(argv=None):
 
 
 # =================================================================================================================
-# Data: every training image as one uint8 tensor N x C x H x W, kept in (GPU) memory
+# Data: every training image as one uint8 tensor N x C x H x W in memory; each batch goes to the device as it is used
 # =================================================================================================================
 def load_mnist(data_dir, limit=None):
     """The 60,000 training digits, N x 1 x 28 x 28 uint8 (downloaded by torchvision if they are not there)."""
