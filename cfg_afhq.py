@@ -49,6 +49,7 @@ import atexit
 import copy
 import csv
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -827,6 +828,20 @@ def device_problem(device):
     return None
 
 
+def compile_problem(args):
+    """Why --compile cannot work here (None if it can, as far as can be seen before compiling): torch.compile turns
+    the network into C++ on a CPU, built by the compiler it looks for ($CXX, else g++; clang++ on macOS, cl on
+    Windows), and into Triton kernels on a GPU. Without them it would stop at the first step with a long traceback."""
+    if not args.compile:
+        return None
+    if str(args.device).startswith("cuda"):
+        return None if importlib.util.find_spec("triton") else "--compile on a GPU needs Triton (pip install triton); run without --compile"
+    compiler = os.environ.get("CXX") or {"win32": "cl", "darwin": "clang++"}.get(sys.platform, "g++")
+    if shutil.which(compiler.split()[0]) is None:
+        return f"--compile on a CPU needs a C++ compiler ({compiler}), which this machine does not have; run without --compile"
+    return None
+
+
 def check_args(args):
     """Every flag's value, before anything is read or written (run again with the checkpoint's values on resume)."""
     problems = [
@@ -849,7 +864,7 @@ def check_args(args):
         between("--steps", args.steps, 1, args.timesteps),
         must(args.steps is None or args.sampler == "ddim",
              "--steps applies to --sampler ddim; DDPM takes all T steps (use --sampler ddim --eta 1 for a shorter noisy chain)"),
-        between("--eta", args.eta, 0, 1), device_problem(args.device), save_as_problem(args.save_as),
+        between("--eta", args.eta, 0, 1), device_problem(args.device), compile_problem(args), save_as_problem(args.save_as),
         must(args.sample_only or os.path.isdir(args.data_dir),
              f"--data-dir {args.data_dir} is not a folder (it should hold one sub-folder of images per class)"),
         must(not (args.resume and args.sample_only), "--resume and --sample-only exclude each other"),

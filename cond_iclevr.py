@@ -1057,6 +1057,20 @@ def device_problem(device):
     return None
 
 
+def compile_problem(args):
+    """Why --compile cannot work here (None if it can, as far as can be seen before compiling): torch.compile turns
+    the network into C++ on a CPU, built by the compiler it looks for ($CXX, else g++; clang++ on macOS, cl on
+    Windows), and into Triton kernels on a GPU. Without them it would stop at the first step with a long traceback."""
+    if not args.compile:
+        return None
+    if str(args.device).startswith("cuda"):
+        return None if importlib.util.find_spec("triton") else "--compile on a GPU needs Triton (pip install triton); run without --compile"
+    compiler = os.environ.get("CXX") or {"win32": "cl", "darwin": "clang++"}.get(sys.platform, "g++")
+    if shutil.which(compiler.split()[0]) is None:
+        return f"--compile on a CPU needs a C++ compiler ({compiler}), which this machine does not have; run without --compile"
+    return None
+
+
 def check_args(args):
     """Every flag's value, before anything is read or written (run again with the checkpoint's values on resume)."""
     folders = (args.evaluator_dir or []) + ([args.guide_dir] if args.guide_dir else [])
@@ -1083,7 +1097,7 @@ def check_args(args):
         must(args.eval_every == 0 or args.evaluator_dir, "--eval-every needs the course's evaluator: pass --evaluator-dir"),
         between("--eval-steps", args.eval_steps, 1, args.timesteps),
         must(not args.fid, "--fid: iCLEVR is graded by the evaluator's accuracy, not by FID (drop --fid)"),
-        device_problem(args.device), save_as_problem(args.save_as),
+        device_problem(args.device), compile_problem(args), save_as_problem(args.save_as),
         must(os.path.isdir(args.data_dir), f"--data-dir {args.data_dir} is not a folder"),
         *[must(os.path.isdir(d), f"--evaluator-dir {d} is not a folder") for d in folders],
         must(not (args.resume and args.sample_only), "--resume and --sample-only exclude each other"),

@@ -60,10 +60,12 @@ import atexit
 import copy
 import csv
 import datetime
+import importlib.util
 import json
 import math
 import os
 import pickletools
+import shutil
 import signal
 import sys
 import tempfile
@@ -824,6 +826,20 @@ def device_problem(device):
     return None
 
 
+def compile_problem(args):
+    """Why --compile cannot work here (None if it can, as far as can be seen before compiling): torch.compile turns
+    the network into C++ on a CPU, built by the compiler it looks for ($CXX, else g++; clang++ on macOS, cl on
+    Windows), and into Triton kernels on a GPU. Without them it would stop at the first step with a long traceback."""
+    if not args.compile:
+        return None
+    if str(args.device).startswith("cuda"):
+        return None if importlib.util.find_spec("triton") else "--compile on a GPU needs Triton (pip install triton); run without --compile"
+    compiler = os.environ.get("CXX") or {"win32": "cl", "darwin": "clang++"}.get(sys.platform, "g++")
+    if shutil.which(compiler.split()[0]) is None:
+        return f"--compile on a CPU needs a C++ compiler ({compiler}), which this machine does not have; run without --compile"
+    return None
+
+
 def check_args(args):
     """Every flag's value, before anything is read or written (run again with the checkpoint's values on resume)."""
     problems = [
@@ -841,7 +857,7 @@ def check_args(args):
              f"--steps must be between 1 and --timesteps ({args.timesteps}), got {args.steps}"),
         between("--eta", args.eta, 0, 1), at_least("--num-samples", args.num_samples, 0),
         at_least("--sample-batch-size", args.sample_batch_size, 1),
-        at_least("--fid-steps", min(args.fid_steps, default=1), 1), device_problem(args.device),
+        at_least("--fid-steps", min(args.fid_steps, default=1), 1), device_problem(args.device), compile_problem(args),
         must(args.data_dir is None or os.path.isdir(args.data_dir), f"--data-dir {args.data_dir} is not a folder"),
     ]
     for message in problems:

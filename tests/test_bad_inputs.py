@@ -4,6 +4,8 @@ scripts, 1 for fid.py's command line), no traceback, nothing new in --out, and b
 Each case is (script, arguments, words the message must contain). Arguments may name the files made by the
 `files` fixture: {mnist}, {folder}, {classes}, {iclevr}, {evaluator}, {inception}, {stats10k}, {bad_*} ...
 """
+import argparse
+import importlib.util
 import io
 import json
 import os
@@ -347,3 +349,27 @@ def test_bad_input_stops_with_one_sentence_before_any_work(files, tmp_path, monk
     assert not out.exists()
     assert calls["forward"] == 0 and seconds < 60, (calls, seconds)
     assert "step 1/" not in stdout.getvalue()  # no training step was taken
+
+
+@pytest.mark.parametrize("script", ["ddpm", "cfg", "iclevr", "ddim", "gan"])
+def test_compile_without_a_cpp_compiler_stops_with_one_sentence(files, tmp_path, monkeypatch, script):
+    """--compile on a CPU needs a C++ compiler (torch.compile builds C++ there): said before any work, not as the
+    compiler's traceback at the first step."""
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    names = {**files, "out": str(tmp_path / "out")}
+    err = io.StringIO()
+    with pytest.raises(SystemExit) as e, redirect_stderr(err), redirect_stdout(io.StringIO()):
+        SCRIPTS[script].main([a.format(**names) for a in TINY[script]] + ["--compile", "--out", str(tmp_path / "out")])
+    lines = [line for line in err.getvalue().splitlines() if line.strip()]
+    assert e.value.code == 2 and len(lines) == 1, lines
+    assert "--compile on a CPU needs a C++ compiler (no-such-c++-compiler)" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_compile_on_a_gpu_without_triton_is_named(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
+    for module in (ddpm_mnist, cfg_afhq, cond_iclevr, ddim, gan_baseline):
+        args = argparse.Namespace(compile=True, device="cuda")
+        assert "needs Triton" in module.compile_problem(args), module.__name__
+        assert module.compile_problem(argparse.Namespace(compile=False, device="cuda")) is None
