@@ -40,8 +40,8 @@ import atexit
 import copy
 import csv
 import datetime
-import importlib.util
 import gzip
+import importlib.util
 import json
 import math
 import os
@@ -604,7 +604,8 @@ def main(argv=None):
     state["train_seconds"] = float(saved.get("train_seconds", 0.0)) if saved is not None else 0.0
     say(f"UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
 
-    eps_fn = make_eps_fn(ema.module.eval(), sample_in_bf16(args, device))
+    bf16 = sample_in_bf16(args, device)
+    eps_fn = make_eps_fn(ema.module.eval(), bf16)
     if args.fuse:
         result = write_fusion(args, *fuse(args, eps_fn, sched, in_ch, size, device), fid_of_fusion=args.fid)
         save_as(args)
@@ -628,12 +629,12 @@ def main(argv=None):
     _, frames = sample(eps_fn, sched, x_T, timesteps, args.sampler, args.eta, g, record=56)  # 56 = 7 * 8 frames
     t1 = time.time()
     # The 10,000 samples through the compiled network with --compile (the 8 above are not worth a compilation).
-    sampling_eps_fn = make_eps_fn(sampling_network(ema.module, args), sample_in_bf16(args, device))
+    sampling_eps_fn = make_eps_fn(sampling_network(ema.module, args), bf16)
     images = generate(sampling_eps_fn, sched, args.num_samples, (in_ch, size, size), timesteps, args, device)
     if rank() != 0:
         return None  # the other processes are done: rank 0 writes and grades
     metrics.update(sampler=args.sampler, sampling_steps=len(timesteps), eta=args.eta if args.sampler == "ddim" else None,
-                   sampling_precision="bf16" if sample_in_bf16(args, device) else "float32",
+                   sampling_precision="bf16" if bf16 else "float32",
                    num_samples=len(images), sample_seconds=round(time.time() - t1, 1),
                    samples_per_second=round(len(images) / (time.time() - t1), 2))
     save_process(frames, os.path.join(args.out, "process.png"), os.path.join(args.out, "process.gif"))

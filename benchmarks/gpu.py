@@ -275,7 +275,7 @@ def main(argv=None):
                                                                   if os.path.isfile(args.inception) else [])
 
     # 0. Where the default UNet's time goes, step by step (about half a minute): first, so that it is measured
-    # even if step 1 runs out of time.
+    # even if a later step runs out of time.
     try:
         summary["steps"]["step_times"] = measure_step_times(args, device)
     except (Exception, SystemExit) as e:

@@ -52,10 +52,15 @@ def test_the_class_folders_read_gzipped_mnist_as_torchvision_reads_the_originals
 STEPS = {"step_times", "ddpm_mnist_epochs_30", "fid_speed", "gan_mnist", "sampling_precision", "cfg_mnist"}
 
 
+def run_tiny_benchmark(script, out, *flags, timeout):
+    """benchmarks/SCRIPT --tiny on this CPU (2 threads), its outputs in out."""
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny", "--device", "cpu",
+                           "--out", str(out), *map(str, flags)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "2"})
+
+
 def run_gpu_benchmark(out, *flags):
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--device", "cpu",
-                           "--out", str(out), "--budget", "900", *map(str, flags)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    return run_tiny_benchmark("gpu.py", out, "--budget", "900", *flags, timeout=1200)
 
 
 def test_every_step_of_the_gpu_benchmark_runs_at_toy_sizes_from_gzipped_mnist(tmp_path):
@@ -221,9 +226,7 @@ def test_compiled_sampling_draws_the_images_eager_sampling_draws(tmp_path):
 
 
 def test_the_gpu_profile_runs_at_toy_sizes(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_profile.py"), "--tiny", "--device", "cpu",
-                             "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    result = run_tiny_benchmark("gpu_profile.py", tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     profile = json.loads((tmp_path / "profile.json").read_text())
     times = [*profile["sampling_variants"]["ms_per_call"].values(), *profile["training_variants"]["ms_per_step"].values(),
