@@ -267,8 +267,8 @@ def main(argv=None):
     device = args.device or "cuda"
     import torch
     summary = {"device": torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available()
-               else f"cpu ({torch.get_num_threads()} threads)", "torch": torch.__version__, "cuda": torch.version.cuda, "tiny": args.tiny,
-               "budget_seconds": args.budget, "steps": {}}
+               else f"cpu ({torch.get_num_threads()} threads)", "torch": torch.__version__, "cuda": torch.version.cuda,
+               "tiny": args.tiny, "budget_seconds": args.budget, "steps": {}}
     deadline = time.time() + args.budget
     left = lambda: deadline - time.time()
     common = ["--data-dir", args.data_dir, "--device", device] + (["--inception", args.inception]

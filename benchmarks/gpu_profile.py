@@ -84,6 +84,13 @@ def main(argv=None):
             fn()
         sync()
 
+    def compiled(fn, reps):
+        """A compiled fn's first call, which compiles, then its milliseconds per call."""
+        begin = time.time()
+        fn()
+        sync()
+        return {"compile_seconds": round(time.time() - begin, 1), "ms_per_call": ms_per_call(fn, reps=reps)}
+
     def gpu_kernels(prof):
         return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
@@ -189,49 +196,27 @@ def main(argv=None):
             return "skipped: --tiny"
         call = denoising_call(torch.compile(build(plain).eval()), plain, True)
         with torch.no_grad():
-            begin = time.time()
-            call()
-            sync()
-            compile_seconds = time.time() - begin
-            return {"batch": sample_batch, "compile_seconds": round(compile_seconds, 1),
-                    "ms_per_call": ms_per_call(call)}
+            return {"batch": sample_batch, **compiled(call, reps=10)}
 
     attempt("compiled_sampling", compiled_sampling)
 
-    # 6. torch.compile of the training network, if there is time: its first step compiles forward and backward.
-    def compiled_training():
+    # 6. torch.compile of the training network, if no more than 80 s have passed: its first step compiles forward and
+    # backward. 7. The same with CUDA graphs (mode "reduce-overhead"), if no more than 200 s have passed: a training
+    # step there is bound by the CPU launching its kernels, which a graph replays in one launch.
+    def compiled_training(mode, seconds):
         if args.tiny:
             return "skipped: --tiny"
-        if time.time() - start > 80:
-            return "skipped: more than 80 s had passed"
+        if mode == "reduce-overhead" and not cuda:
+            return "skipped: CUDA graphs need a GPU"
+        if time.time() - start > seconds:
+            return f"skipped: more than {seconds} s had passed"
         _, _, step, model = training_step(plain)
-        model.forward = torch.compile(model.forward)
-        begin = time.time()
-        step()
-        sync()
-        compile_seconds = time.time() - begin
-        return {"batch": train_batch, "compile_seconds": round(compile_seconds, 1),
-                "ms_per_step": ms_per_call(step, warm=3, reps=20)}
+        model.forward = torch.compile(model.forward, mode=mode)
+        timed = compiled(step, reps=20)
+        return {"batch": train_batch, "compile_seconds": timed["compile_seconds"], "ms_per_step": timed["ms_per_call"]}
 
-    attempt("compiled_training", compiled_training)
-
-    # 7. The same with CUDA graphs (mode "reduce-overhead"), if no more than 200 s have passed: a training step there
-    # is bound by the CPU launching its kernels, which a graph replays in one launch.
-    def graphed_training():
-        if args.tiny or not cuda:
-            return "skipped: --tiny" if args.tiny else "skipped: CUDA graphs need a GPU"
-        if time.time() - start > 200:
-            return "skipped: more than 200 s had passed"
-        _, _, step, model = training_step(plain)
-        model.forward = torch.compile(model.forward, mode="reduce-overhead")
-        begin = time.time()
-        step()
-        sync()
-        compile_seconds = time.time() - begin
-        return {"batch": train_batch, "compile_seconds": round(compile_seconds, 1),
-                "ms_per_step": ms_per_call(step, warm=3, reps=20)}
-
-    attempt("compiled_training_cuda_graphs", graphed_training)
+    attempt("compiled_training", lambda: compiled_training("default", 80))
+    attempt("compiled_training_cuda_graphs", lambda: compiled_training("reduce-overhead", 200))
     print(json.dumps(result, indent=1))
     return result
 
