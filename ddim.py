@@ -3,18 +3,19 @@
 The homework
 ------------
 Keep a trained DDPM and replace its sampling loop with DDIM. It is graded on 2D particles: 2048 generated points
-against 2048 points of the swiss roll, by the Chamfer distance (a sum, not a mean)
+against 2048 points of the swiss roll, by the Chamfer distance (a sum, not a mean)               (chamfer_distance)
     CD(X, Y) = sum_{x in X} min_{y in Y} |x - y|^2 + sum_{y in Y} min_{x in X} |x - y|^2,
 full marks for DDPM (all 1000 steps) below 20 and for DDIM with 50 of the 1000 steps below 60. On images, the same
-samplers run on a ddpm_mnist.py checkpoint: fewer steps, the same network, FID against the number of steps.
+samplers run on a ddpm_mnist.py checkpoint: fewer steps, the same network, graded by FID.
 
 The maths, in the papers' notation (t runs over {0, ..., T-1} in the code; abar_{-1} = 1 is the clean data)
 ----------------------------------------------------------------------------------------------------------
   training (as in ddpm_mnist.py)   x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,   loss |eps - eps_theta(x_t, t)|^2
+                                                                                 (q_sample, diffusion_loss, train)
   the x_0 estimate                 x0_hat = (x_t - sqrt(1 - abar_t) eps_theta(x_t, t)) / sqrt(abar_t)     (predict_x0)
   DDPM (Ho et al. 2020, Alg. 2)    x_{t-1} = mu~_t(x_t, x0_hat) + sqrt(beta~_t) z, through all T steps   (ddpm_step)
   DDIM (Song et al. 2021, eq. 12), over an increasing sub-sequence tau of the steps, from t to the step s before it:
-      x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma_t^2) eps_theta(x_t, t) + sigma_t z,                 (ddim_step)
+      x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma_t^2) eps_theta(x_t, t) + sigma_t z,               (ddim_step)
       sigma_t = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s),   0 <= eta <= 1.
     eta = 1 over every step is DDPM (sigma_t^2 = beta~_t; a test checks it). eta = 0 is deterministic: an Euler
     step of an ODE, which run the other way encodes a point x_0 into its x_T (Song et al. sec. 4.3, ddim_invert).
@@ -28,63 +29,44 @@ The maths, in the papers' notation (t runs over {0, ..., T-1} in the code; abar_
     network call per step, like DDIM, but is second order. Its steps are placed quadratically in t (dense near the
     data; evenly spaced ones leave one long step there that spoils the second order: see the table and the tests).
 
-The network (NoiseMLP). The course fixes everything but the inside of its SimpleNet: three hidden layers of 128,
-Adam 1e-3, batch 128, 5,000 iterations, no EMA. A plain MLP that adds a time embedding to each layer scores
-DDPM CD about 30 and DDIM-50 about 60 here: adding shifts every unit by the same amount at a given noise level,
-and the roll's thin arms need features that change with the noise level. The course's own TimeLinear layer,
-fc(x) * g_k(t) with a separate 256-frequency MLP g_k per layer, rescales every unit with t and alone brings DDPM
-to about 10; Fourier features of the point (sin and cos at 2^k / 2, Tancik et al. 2020) let the first layer bend
-sharply and take DDPM to about 5, but leave DDIM's deterministic steps a few points flung far out; a linear skip
-from the point to the output (skip) pulls those back. --preset course is the three (README, "ddim.py"). The
-default, for our own runs, is a residual 4 x 256 MLP with Fourier features, trained longer with a cosine learning
-rate and an EMA.
+The course fixes all but the inside of its network (3 hidden layers of 128, Adam 1e-3, batch 128, 5,000 iterations,
+no EMA): --preset course uses its TimeLinear layers, Fourier features and a skip (NoiseMLP says why). Training runs in
+epochs over a pool of --train-points; each epoch's end (and the last step) writes ckpt.pt and progress/epoch_NNN.png,
+256 points from fixed noise by DDIM-20. Then table.txt and metrics.json (the CD of every sampler of TABLE, from the
+same x_T), scatter/<row>.png (ddpm_1000.png, ddim_50_eta0_course.png, ...), loss.csv/.png. Image mode (--ckpt of a
+ddpm_mnist.py run) writes what ddpm_mnist.py writes, into runs/ddim_images by default.
 
-The data: scikit-learn's make_swiss_roll(noise=0, hole=True), columns 0 and 2, written here in numpy. The roll's
-parameter t and the height y are drawn uniformly in one of 8 cells of a 3 x 3 grid over [1.5 pi, 4.5 pi] x [0, 21]
-(the middle cell is the hole), so the middle turn of the 2D spiral holds 2/8 of the points, each outer one 3/8.
-Points are normalised by one scalar mean and std (of the training pool) and scaled by 2, as the course does.
-
-Commands (the README's numbers)
--------------------------------
-  python ddim.py                                   # swiss roll: train (~3 min on one CPU core), table, plots
-  python ddim.py --preset course                   # the course's setting: 128 x 3, Adam 1e-3, 5,000 iterations
+Commands
+--------
+  python ddim.py                                   # swiss roll: train, the table, the plots
+  python ddim.py --preset course --out runs/kaist_ddim         # the course's setting: 128 x 3, Adam 1e-3, 5,000 steps
   python ddim.py --sample-only --sampler dpmpp --steps 20      # resample from runs/ddim/ckpt.pt
   python ddim.py --data checkerboard --out runs/ddim_checkerboard
-  python benchmarks/ddim_swiss_roll.py             # the README's table: default training, 3 seeds, medians
+  python benchmarks/ddim_swiss_roll.py -- --preset course      # 3 seeds, the medians
   python ddim.py --ckpt runs/ddpm_mnist/ckpt.pt --steps 50 --eta 0       # images: DDIM on a ddpm_mnist.py model
   python ddim.py --ckpt runs/ddpm_mnist/ckpt.pt --sampler dpmpp --steps 20
 """
 
 import argparse
-import atexit
 import copy
-import csv
-import datetime
-import importlib.util
-import json
+import functools
 import math
 import os
-import pickletools
 import shutil
-import signal
-import sys
-import tempfile
 import time
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+import plumbing
+import ddpm_mnist
+
 SCRIPT = "ddim"  # written into every checkpoint, so that another script's checkpoint is recognised
-# A preset changes defaults only: `--preset course --iters 500` still means 500 iterations.
-PRESETS = {
-    "cpu": dict(device="cpu"),  # the defaults are sized for a CPU already (about 3 minutes on one core)
-    # KAIST CS492(D) assignments 1-2: its fixed training (hidden 128 x 3, Adam 1e-3 constant, batch 128, 5,000
-    # iterations, no EMA, no clipping) with a network its TODO allows (TimeLinear layers, Fourier features of the
-    # point, a linear skip) and its DDIM step rule.
+PRESETS = {  # a preset changes defaults only: `--preset course --iters 500` trains 500 steps
+    # KAIST CS492(D) assignments 1-2: its fixed training, a network its TODO allows, its DDIM steps
     "course": dict(hidden=[128, 128, 128], time="scale", emb_dim=256, fourier=3, residual=False, skip=True, iters=5000,
                    batch_size=128, lr=1e-3, lr_decay="constant", warmup=0, grad_clip=0.0, ema_decay=0.0,
                    spacing="course"),
@@ -92,147 +74,102 @@ PRESETS = {
 # The flags that define a training run: --resume and --sample-only take them from the checkpoint.
 RUN_KEYS = ("data", "train_points", "hidden", "time", "emb_dim", "fourier", "residual", "skip", "timesteps", "schedule",
             "batch_size", "lr", "lr_decay", "warmup", "grad_clip", "ema_decay", "seed", "preset")
-# The 2D table: (sampler, steps, eta, spacing) rows; steps are capped at T. "auto" spacing is each sampler's own
-# (--spacing's choice for DDIM, quadratic for DPM-Solver++); the last rows swap them, to separate solver from spacing.
-TABLE = ([("ddpm", 1000, 0.0, "auto")]
-         + [("ddim", n, eta, "auto") for n in (10, 20, 50, 100, 1000) for eta in (0.0, 0.5, 1.0)]
-         + [("dpmpp", n, 0.0, "auto") for n in (10, 20)]
-         + [("ddim", n, 0.0, "quadratic") for n in (10, 20, 50)] + [("dpmpp", n, 0.0, "uniform") for n in (10, 20)])
-DELIBERATELY_DIFFERENT = {
-    "build_model": "builds the MLP of 2D points, not a UNet",
-    "train": "fresh random batches of points from a pool, counted in iterations, not epochs",
-    "check_args": "the flags of points, the table and the image mode",
-}
+# The 2D table: (sampler, steps capped at T, eta, spacing); the last rows swap the spacings, to separate the two.
+TABLE = ([("ddpm", 1000, 0, "auto")] + [("ddim", n, e, "auto") for n in (10, 20, 50, 100, 1000) for e in (0, 0.5, 1)]
+         + [("dpmpp", n, 0, "auto") for n in (10, 20)] + [("ddim", n, 0, "quadratic") for n in (10, 20, 50)]
+         + [("dpmpp", n, 0, "uniform") for n in (10, 20)])
+DELIBERATELY_DIFFERENT = {"train": "points from a pool, no flips, gradient clipping optional (the course has none)"}
 
 
-# =================================================================================================================
-# Flags
-# =================================================================================================================
+# ---- flags ------------------------------------------------------------------------------------------------------
 def build_parser():
-    p = FlagParser(description="DDPM, DDIM and DPM-Solver++ on 2D data (Chamfer distance) or on a "
-                                            "ddpm_mnist.py checkpoint (see the module docstring).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = plumbing.FlagParser(description="DDIM on 2D points or a ddpm_mnist.py checkpoint (see the module docstring).",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--preset", choices=sorted(PRESETS), default=None, help="course: KAIST's fixed setting; cpu: the defaults")
-    a("--data", choices=["swiss_roll", "moons", "circles", "checkerboard"], default="swiss_roll", help="the 2D data")
+    a("--preset", choices=sorted(PRESETS), default=None, help="course: KAIST's fixed setting")
+    a("--data", choices=sorted(DATASETS), default="swiss_roll", help="the 2D data")
     a("--num-points", type=int, default=2048, help="generated points, and reference points for the CD")
-    a("--train-points", type=int, default=1_000_000, help="size of the training pool drawn once")
-    a("--data-dir", default=None, help="image mode: the training images for FID statistics (default: the checkpoint's)")
+    a("--train-points", type=int, default=1_000_000, help="size of the training pool, drawn once")
     a("--hidden", type=int, nargs="+", default=[256, 256, 256, 256], help="widths of the MLP's hidden layers")
-    a("--time", choices=["add", "scale"], default="add",
-      help="how a layer sees t: add a projection of its embedding, or scale its output by one (the course's TimeLinear)")
+    a("--time", choices=["add", "scale"], default="add", help="a layer adds an embedding of t, or is scaled by one")
     a("--fourier", type=int, default=6, help="Fourier features: sin, cos at 2^k / 2 for k < this (0: the raw point)")
     a("--residual", action=argparse.BooleanOptionalAction, default=True, help="equal-width layers add to their input")
-    a("--skip", action=argparse.BooleanOptionalAction, default=False,
-      help="add a linear map of the point (scaled with t like the layers) to the output")
+    a("--skip", action=argparse.BooleanOptionalAction, default=False, help="a linear map of the point joins the output")
     a("--emb-dim", type=int, default=128, help="size of the sinusoidal time embedding")
     a("--timesteps", type=int, default=1000, help="T, the number of diffusion steps")
-    a("--schedule", choices=["linear", "cosine"], default="linear", help="linear 1e-4 -> 0.02 (the course's), or cosine")
-    a("--iters", type=int, default=10000, help="training iterations (fresh batches from the pool)")
-    a("--batch-size", type=int, default=256, help="points per iteration")
-    a("--lr", type=float, default=2e-3, help="Adam learning rate after warm-up")
+    a("--schedule", choices=["linear", "cosine"], default="linear", help="linear 1e-4 -> 0.02 (the course's) or cosine")
+    a("--epochs", type=int, default=None, help="passes over the pool (instead of --iters)")
+    a("--iters", type=int, default=10000, help="optimiser steps")
+    a("--batch-size", type=int, default=256, help="points per optimiser step")
+    a("--lr", type=float, default=2e-3, help="AdamW learning rate after warm-up")
     a("--lr-decay", choices=["constant", "cosine"], default="cosine", help="after warm-up: keep it, or decay to 0")
-    a("--warmup", type=int, default=200, help="linear learning-rate warm-up, in iterations")
+    a("--warmup", type=int, default=200, help="linear learning-rate warm-up, in steps")
     a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
     a("--ema-decay", type=float, default=0.999, help="decay of the weights' moving average (0: none)")
-    a("--seed", type=int, default=0,
-      help="seeds the data, the training and the sampling noise (with --sample-only: the fresh points and the sampling)")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
-    a("--compile", action="store_true", help="torch.compile the model for training (and image mode's sampling)")
-    a("--out", default=None, help="output folder (default runs/ddim; runs/ddim_images in image mode)")
-    a("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt")
-    a("--ckpt-every", type=int, default=1000, help="write OUT/ckpt.pt every this many iterations")
-    a("--sample-only", action="store_true", help="skip training: sample from --ckpt (default OUT/ckpt.pt)")
-    a("--ckpt", default=None, help="checkpoint to sample from; a ddpm_mnist.py checkpoint switches to image mode")
-    a("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddim", help="ddpm (all T steps), ddim, or DPM-Solver++(2M)")
+    a("--seed", type=int, default=0, help="seeds the data, the training and the sampling (--sample-only: the sampling)")
+    a("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddim", help="ddpm (all T steps), ddim, DPM-Solver++(2M)")
     a("--steps", type=int, default=None, help="sampling steps for ddim and dpmpp (default 50, at most T)")
     a("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]: 0 deterministic, 1 DDPM-like noise")
-    a("--spacing", choices=["auto", "uniform", "course", "quadratic"], default="auto",
-      help="the steps ddim/dpmpp visit: uniform 0..T-1, course (every T // S-th from 0), quadratic; auto: uniform for "
-           "ddim, quadratic for dpmpp")
-    a("--table", action=argparse.BooleanOptionalAction, default=True, help="2D: the CD table over samplers and steps")
+    a("--spacing", choices=["auto", "uniform", "course", "quadratic"], default="auto", help="the steps (run_sampler)")
     a("--num-samples", type=int, default=10000, help="image mode: images written to OUT/samples")
-    a("--sample-batch-size", type=int, default=1000, help="image mode: images per sampling batch")
-    a("--fid", action=argparse.BooleanOptionalAction, default=True, help="image mode: FID, and FID against steps")
-    a("--fid-steps", type=int, nargs="*", default=[10, 20, 50, 100], help="image mode: step counts of the FID table")
-    a("--fid-stats", default=None, help="image mode: reference statistics .npz (as ddpm_mnist.py)")
-    a("--inception", default=None, help="image mode: FID Inception weights (as ddpm_mnist.py)")
-    a("--fp32-sampling", action="store_true",
-      help="image mode: sample in float32 on a GPU too (default there: bf16 autocast, faster, a little less exact)")
+    a("--sample-batch-size", type=int, default=1000, help="image mode: images denoised at once")
+    plumbing.add_run_flags(p, out=None)  # --ckpt of a ddpm_mnist.py run: image mode; --out default runs/ddim(_images)
     return p
 
 
 def parse_args(argv=None):
-    args = parse_with_preset(build_parser(), argv)
+    args = plumbing.parse_with_preset(build_parser(), PRESETS, argv)
+    args.images = args.ckpt is not None and not (args.sample_only or args.resume)  # image mode: a ddpm_mnist.py ckpt
+    args.out = args.out or ("runs/ddim_images" if args.images else "runs/ddim")
     check_args(args)
-    if args.resume and (args.sample_only or args.ckpt):
-        fail("--resume excludes --sample-only and --ckpt")
-    args.sample_only = args.sample_only or args.ckpt is not None
-    args.out = args.out or ("runs/ddim" if args.ckpt is None else "runs/ddim_images")
-    args.ckpt = args.ckpt or os.path.join(args.out, "ckpt.pt")
-    if (args.resume or args.sample_only) and not os.path.isfile(args.ckpt):
-        fail(f"checkpoint {args.ckpt} not found (train first, or pass --ckpt)")
     return args
 
 
-# =================================================================================================================
-# Data: 2D point clouds drawn in numpy, normalised by one scalar mean and std, times 2
-# =================================================================================================================
-def swiss_roll(n, rng):
-    """scikit-learn's make_swiss_roll(n, noise=0, hole=True), columns x and z: the same draws in the same order, so
-    with rng = np.random.RandomState(seed) the points equal scikit-learn's for random_state=seed.
+def check_args(args):
+    """The flags a student may get wrong, before anything is read or written (again with a checkpoint's values)."""
+    plumbing.check(
+        *plumbing.run_flag_problems(args), plumbing.at_least("--timesteps", args.timesteps, 2),
+        plumbing.at_least("--train-points", args.train_points, args.batch_size),  # at least one whole batch
+        plumbing.between("--ema-decay", args.ema_decay, 0, 1, high_included=False),
+        plumbing.must(args.steps is None or args.sampler != "ddpm", "--steps is for ddim and dpmpp: ddpm takes all T"),
+        None if args.images else plumbing.between("--steps", args.steps, 1, args.timesteps),  # images: the ckpt's T
+        plumbing.between("--eta", args.eta, 0, 1), plumbing.at_least("--num-samples", args.num_samples, 1),
+        plumbing.must(not args.images or os.path.isfile(args.ckpt), f"checkpoint {args.ckpt} not found"),
+    )
 
-    (t, y) is uniform in one of 8 cells of a 3 x 3 grid, t in [1.5 pi, 4.5 pi] in thirds of width pi and y in
-    [0, 21] in thirds of 7, the middle cell left out: that cell is the hole in the 3D roll. In 2D y is dropped, and
-    what stays of the hole is that the middle third of t is drawn only 2 times in 8, each outer third 3 times in 8."""
+
+# ---- data: 2D point clouds drawn in numpy, normalised by one scalar mean and std, times 2 ------------------------
+def swiss_roll(n, rng):
+    """scikit-learn's make_swiss_roll(n, noise=0, hole=True), columns x and z, draw for draw with a RandomState. (t, y)
+    is uniform in one of 8 cells of a 3 x 3 grid over [1.5 pi, 4.5 pi] x [0, 21]; the middle cell, left out, is the
+    roll's hole. In 2D y is dropped: the middle third of t is drawn 2 times in 8, each outer third 3 times in 8."""
     cells = np.array([[np.pi * (1.5 + i), 7.0 * j] for i in range(3) for j in range(3) if (i, j) != (1, 1)])
     corner = cells[rng.choice(8, n)]
-    t, _y = (corner.T + rng.uniform(size=(2, n)) * np.array([[np.pi], [7.0]]))
+    t, _y = corner.T + rng.uniform(size=(2, n)) * np.array([[np.pi], [7.0]])
     return np.stack([t * np.cos(t), t * np.sin(t)], axis=1)
-
-
-def moons(n, rng):
-    """Two interleaved half circles (scikit-learn's make_moons layout), positions along each drawn uniformly."""
-    s = rng.uniform(0, np.pi, n)
-    upper = rng.uniform(size=n) < 0.5
-    return np.where(upper[:, None], np.stack([np.cos(s), np.sin(s)], 1), np.stack([1 - np.cos(s), 0.5 - np.sin(s)], 1))
-
-
-def circles(n, rng):
-    """Two concentric circles, the inner one half as wide (scikit-learn's make_circles(factor=0.5) layout)."""
-    a = rng.uniform(0, 2 * np.pi, n)
-    radius = np.where(rng.uniform(size=n) < 0.5, 1.0, 0.5)
-    return radius[:, None] * np.stack([np.cos(a), np.sin(a)], 1)
 
 
 def checkerboard(n, rng):
     """Uniform on the 8 dark squares of a 4 x 4 board."""
-    square = rng.integers(0, 8, n) if hasattr(rng, "integers") else rng.randint(0, 8, n)
+    square = rng.integers(0, 8, n)
     row = square // 2
     col = 2 * (square % 2) + row % 2  # alternate columns from row to row
     return np.stack([col, row], 1) + rng.uniform(size=(n, 2)) - 2.0
 
 
-DATASETS = {"swiss_roll": swiss_roll, "moons": moons, "circles": circles, "checkerboard": checkerboard}
-
-
-def normalise(points, mean, std, scale=2.0):
-    return (points - mean) / std * scale
+DATASETS = {"swiss_roll": swiss_roll, "checkerboard": checkerboard}
 
 
 def make_point_data(name, train_points, num_points, seed):
-    """The training pool and the reference set, independent draws, both normalised with the pool's mean and std
-    (one scalar each, as the course does; a 1M-point pool makes them the distribution's own)."""
+    """The training pool and the reference set, independent draws, normalised by the pool's mean and std (one scalar
+    each, as the course does), times 2."""
     pool = DATASETS[name](train_points, np.random.default_rng([seed, 0]))
     reference = DATASETS[name](num_points, np.random.default_rng([seed, 1]))
     mean, std = pool.mean(), pool.std()
-    as_tensor = lambda points: torch.from_numpy(normalise(points, mean, std)).float()
-    return as_tensor(pool), as_tensor(reference)
+    return [torch.from_numpy((points - mean) / std * 2).float() for points in (pool, reference)]
 
 
-# =================================================================================================================
-# Noise schedule (as ddpm_mnist.py)
-# =================================================================================================================
+# ---- noise schedule: every per-step constant, computed once in float64 (as ddpm_mnist.py) -------------------------
 def make_betas(kind, T):
     if kind == "linear":
         # Ho et al. use 1e-4 -> 0.02 for T = 1000; scaling by 1000 / T keeps abar_{T-1} near 0 for other T
@@ -265,9 +202,7 @@ class NoiseSchedule:
         return NoiseSchedule(self.betas.to(device))
 
 
-# =================================================================================================================
-# Model: an MLP that predicts the noise eps_theta(x_t, t) of a point
-# =================================================================================================================
+# ---- model: an MLP that predicts the noise eps_theta(x_t, t) of a point -----------------------------------------
 def timestep_embedding(t, dim):
     """Sinusoidal embedding of the step (Vaswani et al.), as in the DDPM UNet: dim/2 frequencies from 1 to 1e-4."""
     half = dim // 2
@@ -277,8 +212,7 @@ def timestep_embedding(t, dim):
 
 
 class TimeLinear(nn.Module):
-    """The course's layer: fc(x) * g(t), where g(t) = Linear(SiLU(Linear(sinusoidal(t, frequencies)))) is this
-    layer's own MLP of the step: every output unit is rescaled by a learned function of the noise level."""
+    """The course's layer: fc(x) * g(t), g = Linear(SiLU(Linear(sinusoidal(t)))) its own MLP: units scaled with t."""
 
     def __init__(self, dim_in, dim_out, frequencies):
         super().__init__()
@@ -291,19 +225,12 @@ class TimeLinear(nn.Module):
 
 
 class NoiseMLP(nn.Module):
-    """eps_theta(x_t, t) for points.
-
-    The point first becomes Fourier features [x, sin(f_k x), cos(f_k x)] with f_k = 2^k / 2 for k < fourier (Tancik
-    et al. 2020): an MLP of the two raw coordinates is smooth at the scale of the whole plot and blurs the roll's thin
-    arms together; the features let it bend sharply. Then hidden layers, each seeing the step t in one of two ways:
-      time = "add":    h <- silu(W h + b + P e(t)), one shared embedding e(t) with a projection P per layer;
-      time = "scale":  h <- silu((W h + b) * g(t)), the course's TimeLinear, a separate MLP g per layer.
-    With residual = True a layer whose input is as wide as its output adds to it (h <- h + silu(...)), which lets a
-    deeper net train as fast as a shallow one. With skip = True a linear map of the point itself (a TimeLinear in
-    "scale" mode) is added to the output: near the data the true eps is (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t),
-    linear in x_t, so a point that strays where the MLP never trained is still pulled back rather than flung out by
-    its extrapolation (DDIM's deterministic steps never correct such a point; DDPM's noise does).
-    fourier = 0, residual = False, skip = False, time = "add" is a plain MLP."""
+    """eps_theta(x_t, t) for points: Fourier features [x, sin(f_k x), cos(f_k x)], f_k = 2^k / 2 for k < fourier
+    (Tancik et al. 2020; an MLP of the raw point is smooth at the scale of the plot and blurs the roll's thin arms),
+    then hidden layers that see t as a shift, the same for every unit at a noise level (time "add": silu(W h + b +
+    P e(t))), or as the course's TimeLinear, every unit rescaled (time "scale": silu((W h + b) * g(t))). residual: an
+    equal-width layer adds to its input. skip: a linear map of the point joins the output: near the data the true eps
+    is linear in x_t, so a point that strays where the MLP never trained is pulled back, not flung out by DDIM."""
 
     def __init__(self, dim, hidden, emb_dim, fourier=0, residual=False, time="add", skip=False):
         super().__init__()
@@ -317,7 +244,7 @@ class NoiseMLP(nn.Module):
             self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
             self.emb_proj = nn.ModuleList(nn.Linear(emb_dim, b) for b in hidden)
         self.out = nn.Linear(widths[-1], dim)
-        self.skip = (TimeLinear(dim, dim, emb_dim) if time == "scale" else nn.Linear(dim, dim)) if skip else None
+        self.skip = TimeLinear(dim, dim, emb_dim) if skip else None
 
     def forward(self, x, t):
         if bool((t == t[0]).all()):  # sampling: every point is at the same step, so embed it once and broadcast
@@ -329,18 +256,10 @@ class NoiseMLP(nn.Module):
         for k, layer in enumerate(self.layers):
             y = F.silu(layer(h, t)) if self.time == "scale" else F.silu(layer(h) + self.emb_proj[k](emb))
             h = h + y if self.residual and y.shape == h.shape else y
-        if self.skip is None:
-            return self.out(h)
-        return self.out(h) + (self.skip(x, t) if self.time == "scale" else self.skip(x))
+        return self.out(h) if self.skip is None else self.out(h) + self.skip(x, t)
 
 
-def build_model(args):
-    return NoiseMLP(2, args.hidden, args.emb_dim, args.fourier, args.residual, args.time, args.skip)
-
-
-# =================================================================================================================
-# Diffusion maths: the pieces of ddpm_mnist.py, then DPM-Solver++(2M), DDIM inversion and the Chamfer distance
-# =================================================================================================================
+# ---- diffusion maths: the pieces of ddpm_mnist.py, then DPM-Solver++(2M), DDIM inversion, the Chamfer distance ---
 def extract(a, t, x):
     """a[t] (t an int or one index per sample), shaped to broadcast against x and in x's dtype."""
     return a[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
@@ -358,7 +277,8 @@ def diffusion_loss(model, sched, x0, t, noise, **model_kwargs):
 
 def predict_x0(sched, x_t, t, eps):
     """Invert q_sample: the clean image implied by the predicted noise."""
-    return (x_t - extract(sched.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) / extract(sched.sqrt_alphas_cumprod, t, x_t)
+    noise_part = extract(sched.sqrt_one_minus_alphas_cumprod, t, x_t) * eps
+    return (x_t - noise_part) / extract(sched.sqrt_alphas_cumprod, t, x_t)
 
 
 def ddpm_step(sched, x_t, t, eps, noise, clip=True):
@@ -371,7 +291,7 @@ def ddpm_step(sched, x_t, t, eps, noise, clip=True):
 
 
 def ddim_step(sched, x_t, t, t_prev, eps, eta, noise, clip=True):
-    """DDIM (Song et al. 2021, eq. 12) from step t to step t_prev < t (t_prev = -1 means the clean image), 0 <= eta <= 1."""
+    """DDIM (Song et al. 2021, eq. 12) from step t to step t_prev < t (t_prev = -1: the clean image), 0 <= eta <= 1."""
     a_t = sched.alphas_cumprod[t]
     a_prev = sched.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(a_t)
     x0 = predict_x0(sched, x_t, t, eps)
@@ -381,7 +301,7 @@ def ddim_step(sched, x_t, t, t_prev, eps, eta, noise, clip=True):
     sigma = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
     # sigma^2 <= 1 - abar_{t'} for eta <= 1; the clamp only removes rounding below zero.
     direction = (1 - a_prev - sigma ** 2).clamp(min=0).sqrt()
-    return (a_prev.sqrt().to(x_t.dtype) * x0 + direction.to(x_t.dtype) * eps + sigma.to(x_t.dtype) * noise)
+    return a_prev.sqrt().to(x_t.dtype) * x0 + direction.to(x_t.dtype) * eps + sigma.to(x_t.dtype) * noise
 
 
 def sampling_timesteps(T, steps):
@@ -420,13 +340,11 @@ def sample(eps_fn, sched, x, timesteps, sampler="ddpm", eta=0.0, generator=None,
 
 @torch.inference_mode()
 def dpm_solver_pp_2m(eps_fn, sched, x, timesteps, record=0, clip=False):
-    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) from x (the state at timesteps[-1]) to the clean data.
-
-    Same calling convention as sample(): timesteps increasing, one network call per step, record = R > 0 also
-    returns R + 1 frames. It works in lambda = log(alpha / sigma), in which the ODE's linear part is solved exactly,
-    and extrapolates the x_0 estimate linearly from the last two steps (a second-order multistep method)."""
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) from x (the state at timesteps[-1]) to the clean data, called as
+    sample(). In lambda = log(alpha / sigma) the ODE's linear part is solved exactly, and the x_0 estimate is
+    extrapolated linearly from the last two steps: second order, still one network call per step."""
     abar = sched.alphas_cumprod.tolist() + [1.0]  # abar[-1] = 1: the clean data
-    lam = lambda t: 0.5 * math.log(abar[t] / (1 - abar[t]))
+    lam = [0.5 * math.log(a / (1 - a)) for a in abar[:-1]]
     n_steps = len(timesteps)
     record_after = [math.ceil(k * n_steps / record) for k in range(1, record + 1)] if record else []  # as in sample()
     frames = [x]
@@ -435,12 +353,11 @@ def dpm_solver_pp_2m(eps_fn, sched, x, timesteps, record=0, clip=False):
         s = timesteps[n_steps - 2 - i] if i < n_steps - 1 else -1
         eps = eps_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         x0 = predict_x0(sched, x, t, eps)
-        if clip:
-            x0 = x0.clamp(-1, 1)
+        x0 = x0.clamp(-1, 1) if clip else x0
         if s < 0:  # onto the clean data: sigma_s = 0 and h is infinite, so the step lands on the estimate itself
             x = x0
         else:
-            h = lam(s) - lam(t)
+            h = lam[s] - lam[t]
             # D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev with r = h_prev / h; the first step has no history: D = x0 (DDIM)
             d = x0 if x0_prev is None else x0 + (h / (2 * h_prev)) * (x0 - x0_prev)
             x = math.sqrt((1 - abar[s]) / (1 - abar[t])) * x - math.sqrt(abar[s]) * math.expm1(-h) * d
@@ -451,10 +368,9 @@ def dpm_solver_pp_2m(eps_fn, sched, x, timesteps, record=0, clip=False):
 
 @torch.inference_mode()
 def ddim_invert(eps_fn, sched, x0, timesteps):
-    """Encode clean points into x at timesteps[-1]: the eta = 0 DDIM update run forwards in t (Song et al. 2021,
-    sec. 4.3). From step s to the next step t:  x_t = sqrt(abar_t) x0_hat + sqrt(1 - abar_t) eps_theta(x_s, s);
-    eps at the step being left stands in for eps at the step being reached, the mirror image of the sampler.
-    From the clean data (s = -1, where the network was never trained) eps_theta is asked at the first step."""
+    """Encode clean points into x at timesteps[-1]: the eta = 0 DDIM update run forwards (Song et al. 2021, sec. 4.3),
+    x_t = sqrt(abar_t) x0_hat + sqrt(1 - abar_t) eps_theta(x_s, s) from step s to the next step t: the eps of the step
+    left stands in for the step reached. From the clean data (s = -1, never trained on) eps is asked at the first."""
     abar = sched.alphas_cumprod.tolist() + [1.0]
     x, s = x0, -1
     for t in timesteps:
@@ -466,9 +382,8 @@ def ddim_invert(eps_fn, sched, x0, timesteps):
 
 
 def quadratic_timesteps(T, steps):
-    """steps steps from 0 to T-1, placed along t = (T-1) u^2 for evenly spaced u: dense near the data, where the
-    trajectory bends most (the 'quadratic' sub-sequence of Song et al. 2021, DPM-Solver's 'time_quadratic').
-    Where rounding would repeat a step the next one is taken, so all T steps is range(T); one step is [T-1]."""
+    """steps steps from 0 to T-1 along t = (T-1) u^2, u evenly spaced: dense near the data, where the trajectory bends
+    most (Song et al. 2021's 'quadratic'). A step that rounding would repeat moves up one: T steps is range(T)."""
     if steps == 1:
         return [T - 1]
     chosen = []
@@ -478,16 +393,13 @@ def quadratic_timesteps(T, steps):
 
 
 def course_timesteps(T, steps):
-    """The course's DDIM steps: every (T // steps)-th step from 0, i.e. 0, 20, 40, ..., 980 for T = 1000 and 50
-    steps (sampling starts at 980 and ends with the step from 0 to the clean data)."""
-    stride = T // steps
-    return [k * stride for k in range(steps)]
+    """The course's DDIM steps: every (T // steps)-th from 0 (0, 20, ..., 980 for T = 1000, 50 steps; then clean)."""
+    return [k * (T // steps) for k in range(steps)]
 
 
 def run_sampler(eps_fn, sched, x_T, sampler, steps, eta=0.0, generator=None, record=0, clip=False, spacing="auto"):
-    """x_T -> samples with one of the three samplers sharing eps_fn; steps is ignored by ddpm (all T steps).
-    spacing auto: evenly spaced steps for DDIM (the homework's, and ddpm_mnist.py's), quadratic for DPM-Solver++,
-    whose second-order steps are wasted where the steps are long near the data (a test shows it)."""
+    """x_T -> samples with one of the three samplers (ddpm takes all T steps). spacing auto: evenly spaced for DDIM (the
+    homework's), quadratic for DPM-Solver++, whose second order is wasted on long steps near the data (a test shows)."""
     if sampler == "ddpm":
         return sample(eps_fn, sched, x_T, list(range(sched.T)), "ddpm", 0.0, generator, record, clip)
     if spacing in ("auto", "all"):
@@ -513,37 +425,34 @@ def chamfer_distance(a, b, chunk=1024):
     return float(a_to_b + b_to_a.sum())
 
 
-# =================================================================================================================
-# Training
-# =================================================================================================================
+# ---- training -----------------------------------------------------------------------------------------------------
 class EMA:
     """theta_ema <- d_n theta_ema + (1 - d_n) theta after the n-th update, with the usual warm-up of the decay
-    d_n = min(decay, (1 + n) / (10 + n)): 0.18 at n = 1, 0.5 at n = 8, 0.9 at n = 80, the full 0.999 from
-    n = 8,991 on. Without it a short run (a CPU preset, a quick look) samples with an average that still holds its
-    first, random weights. Buffers that are not floats (counters) are copied."""
+    d_n = min(decay, (1 + n) / (10 + n)), so that a short run does not sample with its first, random weights."""
 
     def __init__(self, model, decay):
-        self.module = copy.deepcopy(model).requires_grad_(False)
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
         self.updates = 0
-
-    def decay_now(self):
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+        # state_dict() tensors share memory with the weights: look the pairs up once, update them in place.
+        self.pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
 
     @torch.no_grad()
-    def update_parameters(self, model):
+    def update(self):
         self.updates += 1
-        d = self.decay_now()
-        averaged, current = self.module.state_dict(), model.state_dict()
-        floats = [k for k, v in averaged.items() if v.is_floating_point()]
-        torch._foreach_lerp_([averaged[k] for k in floats], [current[k] for k in floats], 1 - d)
-        for k in averaged.keys() - set(floats):
-            averaged[k].copy_(current[k])
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for averaged, current in self.pairs:
+            if averaged.is_floating_point():
+                averaged.lerp_(current, 1 - d)
+            else:
+                averaged.copy_(current)
 
+    def state_dict(self):
+        return {"weights": self.module.state_dict(), "updates": self.updates}
 
-def make_ema(model, decay):
-    """An exponential moving average of the weights, which samples better than the raw weights."""
-    return EMA(model, decay)
+    def load_state_dict(self, saved):
+        self.module.load_state_dict(saved["weights"])
+        self.updates = saved["updates"]
 
 
 def learning_rate(args, step, total):
@@ -556,693 +465,184 @@ def learning_rate(args, step, total):
     return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train(args, pool, model, ema, optimizer, sched, device, state):
-    """Algorithm 1 on random batches of the pool. state holds what a checkpoint needs to resume exactly.
-    Under torchrun every process draws the whole batch (the same on all of them) and takes its own share."""
-    net = parallel_model(model, args, device, args.batch_size)
+def train(args, pool, model, ema, optimizer, sched, reference, state):
+    """Algorithm 1: repeat { x_0 ~ pool, t ~ Uniform({0..T-1}), eps ~ N(0, I); step on ||eps - eps_theta(x_t, t)||^2 }.
+    The run's state is its step: the epoch and the batch follow by divmod, each epoch's order from the seed and the
+    epoch, so a resumed run is the same run. Under torchrun each process takes its share of every batch."""
+    bs, device = args.batch_size, pool.device
+    steps_per_epoch = len(pool) // bs  # whole batches only: every step has the same shape
+    total = args.iters or args.epochs * steps_per_epoch
+    net = plumbing.parallel_model(model, args)
+    progress = plumbing.Progress(state, total, steps_per_epoch, bs)
     model.train()
-    progress = Progress(state["step"], args.iters)
-    start = time.time() - state["train_seconds"]  # the training clock goes on from where a resumed run stopped
-    with CtrlC() as ctrl_c:
-        while state["step"] < args.iters:
-            x0 = pool[torch.randint(len(pool), (args.batch_size,))].to(device)
-            t = torch.randint(0, sched.T, (len(x0),), device=device)
+    order = None
+    with plumbing.CtrlC() as ctrl_c:
+        while state["step"] < total:
+            epoch, i = divmod(state["step"], steps_per_epoch)
+            if order is None or i == 0:  # a million points: shuffled once an epoch, not every step
+                order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+            x0 = pool[order[i * bs:(i + 1) * bs].to(device)]
+            t = torch.randint(0, sched.T, (bs,), device=device)
             noise = torch.randn_like(x0)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(args, state["step"], args.iters)
-            loss = diffusion_loss(net, sched, my_share(x0), my_share(t), my_share(noise))
+            optimizer.param_groups[0]["lr"] = learning_rate(args, state["step"], total)
+            loss = diffusion_loss(net, sched, plumbing.my_share(x0), plumbing.my_share(t), plumbing.my_share(noise))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()
-            ema.update_parameters(model)
-            state["losses"].append(mean_over_processes(loss))
+            ema.update()
+            state["losses"]["loss"].append(plumbing.mean_over_processes(loss))
             state["step"] += 1
-            state["train_seconds"] = time.time() - start
-            if state["step"] % args.ckpt_every == 0 or state["step"] == args.iters:
-                save_run(args, model, ema, optimizer, state)
-            progress.show(state, f"loss {np.mean(state['losses'][-100:]):.4f}", args.batch_size)
-            if ctrl_c.stop_requested():
-                save_run(args, model, ema, optimizer, state)
-                say(f"\ninterrupted: saved {args.out}/ckpt.pt at step {state['step']}; continue with --resume")
-                sys.exit(130)
-
-
-# =================================================================================================================
-# main: train (or load) on 2D points, then the table and the plots; or image mode
-# =================================================================================================================
-def main(argv=None):
-    args = parse_args(argv)
-    start_distributed(args)
-    device = torch.device(args.device)
-    saved = None
-    if args.resume or args.sample_only:
-        saved = load_checkpoint(args.ckpt, None if args.sample_only else SCRIPT)
-        if isinstance(saved, dict) and saved.get("script") == "ddpm_mnist":
-            return sample_images(args, saved, device)
-        if not isinstance(saved, dict) or saved.get("script") != SCRIPT:
-            fail(f"{args.ckpt} is neither a ddim.py nor a ddpm_mnist.py checkpoint")
-        saved = load_run(args)
-        if (args.steps or 1) > args.timesteps:
-            fail(f"--steps {args.steps} is more than the checkpoint's {args.timesteps} diffusion steps")
-    args.steps = args.steps or min(50, args.timesteps)
-    pool, reference = make_point_data(args.data, args.train_points, args.num_points, args.seed)
-    check_out_folder(args.out)
-    torch.manual_seed(args.seed)
-    sched = NoiseSchedule(make_betas(args.schedule, args.timesteps)).to(device)
-    model = build_model(args).to(device)
-    ema = make_ema(model, args.ema_decay)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    state = {"step": 0, "losses": []}
-    if saved is not None:
-        restore_run(saved, args, model, ema, optimizer, state)
-    # Seconds of training over every resume: kept in the checkpoint, so a resumed run reports its whole training.
-    state["train_seconds"] = float(saved.get("train_seconds", 0.0)) if saved is not None else 0.0
-    say(f"MLP {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters on {device}; {args.data}, "
-        f"T = {args.timesteps}")
-
-    metrics = {"device": str(device), "hardware": device_name(device), "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "data": args.data, "num_points": args.num_points,
-               "reference": f"{args.num_points} fresh points (numpy seed [{args.seed}, 1]), normalised with the "
-                            f"training pool's mean and std"}
-    if not args.sample_only:
-        cpu0 = time.process_time()
-        train(args, pool, model, ema, optimizer, sched, device, state)
-        # CPU seconds too: on a shared machine the wall time grows with the load, the CPU time hardly does
-        metrics.update(train_seconds=round(state["train_seconds"], 1), train_cpu_seconds=round(time.process_time() - cpu0, 1),
-                       iters=state["step"])
-        write_loss(args, {"training loss": state["losses"]}, f"diffusion loss ({args.data}, batch {args.batch_size})")
-    if rank() != 0:
-        return None
-
-    net = ema.module.eval()  # float32 even on a GPU: 2D points need more precision than bf16 gives
-    # Each row: (sampler, steps, eta, spacing). "auto" is the sampler's own spacing: DDIM's is --spacing's choice
-    # (uniform unless the course's rule is asked for), DPM-Solver++'s quadratic.
-    own = {"ddpm": "all", "ddim": "course" if args.spacing == "course" else "uniform", "dpmpp": "quadratic"}
-    configs = [(args.sampler, args.steps, args.eta, args.spacing)] + (TABLE if args.table else [])
-    configs = list(dict.fromkeys(  # each row once, in order; ddpm takes all T steps, eta is DDIM's alone
-        (s, args.timesteps if s == "ddpm" else min(n, args.timesteps), e if s == "ddim" else 0.0,
-         own[s] if sp == "auto" or s == "ddpm" else sp) for s, n, e, sp in configs))
-    reference = reference.to(device)
-    span = reference.abs().max().item() * 1.15
-    os.makedirs(os.path.join(args.out, "scatter"), exist_ok=True)
-    rows, panels = [], {}
-    for sampler, steps, eta, spacing in configs:
-        g = torch.Generator(device).manual_seed(args.seed)  # every sampler starts from the same x_T
-        x_T = torch.randn((args.num_points, 2), generator=g, device=device)
-        t1 = time.time()
-        points = run_sampler(net, sched, x_T, sampler, steps, eta, g, spacing=spacing)
-        seconds = time.time() - t1
-        cd = chamfer_distance(points, reference)
-        name = row_name(sampler, steps, eta, spacing)
-        rows.append({"sampler": sampler, "steps": steps, "eta": eta if sampler == "ddim" else None, "spacing": spacing,
-                     "cd": cd, "seconds": round(seconds, 3), "name": name})
-        label = {"ddpm": "DDPM", "ddim": f"DDIM eta={eta:g}", "dpmpp": "DPM-Solver++(2M)"}[sampler]
-        label += "" if spacing in ("all", "uniform") else f", {spacing}"
-        panels[name] = scatter_panel(points, reference, f"{label}, {steps} steps: CD {cd:.2f}", -span, span)
-        panels[name].save(os.path.join(args.out, "scatter", name + ".png"))
-        if len(rows) == 1:  # the run's own sampler: its points as a file too
-            panels[name].save(os.path.join(args.out, "samples.png"))
-            np.savetxt(os.path.join(args.out, "samples.csv"), points.cpu().numpy(), delimiter=",", header="x,y",
-                       comments="")
-    write_table(rows, os.path.join(args.out, "table.txt"))
-    course = "_course" if own["ddim"] == "course" else ""
-    overview = [n for n in ("ddpm_%d" % args.timesteps, f"ddim_10_eta0{course}", f"ddim_20_eta0{course}",
-                            f"ddim_50_eta0{course}", f"ddim_100_eta0{course}", f"ddim_50_eta1{course}", "dpmpp_10",
-                            "dpmpp_20") if n in panels]
-    if len(overview) > 1:
-        tile_panels([panels[n] for n in overview], columns=4).save(os.path.join(args.out, "overview.png"))
-    metrics.update(rows=rows, args=vars(args))
-    write_metrics(os.path.join(args.out, "metrics.json"), metrics)
-    say(f"wrote {args.out}: metrics.json, table.txt, samples.png, samples.csv, scatter/*.png"
-        + (", overview.png" if len(overview) > 1 else "") + ("" if args.sample_only else ", loss.png, loss.csv"))
-    return metrics
-
-
-# =================================================================================================================
-# Image mode: the same samplers on a ddpm_mnist.py checkpoint
-# =================================================================================================================
-def sample_images(args, saved, device):
-    """Grid, process, N PNGs + zip and FID as ddpm_mnist.py writes them, with --sampler; then FID against steps."""
-    import ddpm_mnist  # the UNet and the image writers live there; only image mode needs them
-    ck = argparse.Namespace(**saved["args"])
-    if (args.steps or 1) > ck.timesteps:
-        fail(f"--steps {args.steps} is more than the checkpoint's {ck.timesteps} diffusion steps")
-    args.steps = args.steps or min(50, ck.timesteps)
-    fid_steps = sorted({min(n, ck.timesteps) for n in args.fid_steps})  # capped at T, as the 2D table's
-    fid_args = argparse.Namespace(**{**saved["args"], "out": args.out, "fid_stats": args.fid_stats, "fid": args.fid,
-                                     "inception": args.inception, "data_dir": args.data_dir or ck.data_dir})
-    fid_setup = ddpm_mnist.prepare_fid(fid_args) if args.fid and args.num_samples else None  # checked before work
-    check_out_folder(args.out)
-    in_ch = 1 if ck.dataset == "mnist" else 3
-    size = 28 if ck.dataset == "mnist" else ck.image_size
-    sched = NoiseSchedule(make_betas(ck.schedule, ck.timesteps)).to(device)
-    model = ddpm_mnist.build_model(ck, in_ch).to(device)
-    model.load_state_dict(saved["ema"])
-    net = ddpm_mnist.sampling_network(model.eval(), args)
-    eps_fn = ddpm_mnist.make_eps_fn(net, ddpm_mnist.sample_in_bf16(args, device))
-    steps = ck.timesteps if args.sampler == "ddpm" else args.steps
-    say(f"image mode: {args.ckpt} ({ck.dataset}, T = {ck.timesteps}), {args.sampler} with {steps} steps")
-
-    def draw(n_images, sampler, n_steps, g, spacing="auto"):
-        chunks = []
-        for start in range(0, n_images, args.sample_batch_size):
-            n = min(args.sample_batch_size, n_images - start)
-            x_T = torch.randn((n, in_ch, size, size), generator=g, device=device)
-            chunks.append(ddpm_mnist.to_uint8(run_sampler(eps_fn, sched, x_T, sampler, n_steps, args.eta, g, clip=True,
-                                                          spacing=spacing)))
-            say(f"sampled {start + n}/{n_images} ({sampler}, {n_steps} steps)")
-        return torch.cat(chunks) if chunks else torch.zeros((0, 3, size, size), dtype=torch.uint8)
-
-    g = torch.Generator(device).manual_seed(args.seed)
-    x_T = torch.randn((8, in_ch, size, size), generator=g, device=device)
-    _, frames = run_sampler(eps_fn, sched, x_T, args.sampler, steps, args.eta, g, record=56, clip=True,
-                            spacing=args.spacing)
-    ddpm_mnist.save_process(frames, os.path.join(args.out, "process.png"), os.path.join(args.out, "process.gif"))
-    metrics = {"device": str(device), "hardware": device_name(device), "torch": torch.__version__, "ckpt": args.ckpt,
-               "sampler": args.sampler, "sampling_steps": steps, "eta": args.eta if args.sampler == "ddim" else None,
-               "spacing": args.spacing,
-               "sampling_precision": "bf16" if ddpm_mnist.sample_in_bf16(args, device) else "float32"}
-    t0 = time.time()
-    images = draw(args.num_samples, args.sampler, steps, g, args.spacing)
-    metrics.update(num_samples=len(images), sample_seconds=round(time.time() - t0, 1))
-    remove_stale(os.path.join(args.out, "metrics.json"))  # it described the samples about to be replaced
-    if len(images):
-        ddpm_mnist.make_grid(images[:25], nrow=5).save(os.path.join(args.out, "grid.png"))
-        ddpm_mnist.save_samples(images, os.path.join(args.out, "samples"), os.path.join(args.out, "samples.zip"))
-    if fid_setup is not None and len(images):
-        result = ddpm_mnist.compute_fid(fid_args, images, fid_setup, device)
-        metrics.update(result)
-        if result["fid"] is not None and fid_steps:
-            table = []
-            for sampler in ("ddim", "dpmpp"):
-                for n_steps in fid_steps:
-                    if (sampler, n_steps) == (args.sampler, steps) and args.spacing == "auto":
-                        fake, seconds = images, metrics["sample_seconds"]  # the main run's images: no second draw
-                        value = result["fid"]
-                    else:
-                        t1 = time.time()
-                        fake = draw(args.num_samples, sampler, n_steps, torch.Generator(device).manual_seed(args.seed))
-                        seconds = time.time() - t1
-                        value = ddpm_mnist.compute_fid(fid_args, fake, fid_setup, device)["fid"]
-                    table.append({"sampler": sampler, "steps": n_steps, "eta": args.eta if sampler == "ddim" else None,
-                                  "fid": value, "num_samples": len(fake), "sample_seconds": round(seconds, 1)})
-            say(f"FID against steps ({args.num_samples} samples vs {result['fid_reference']}):")
-            for r in table:
-                say(f"  {r['sampler']:<6}{r['steps']:>5} steps  FID {r['fid']:8.3f}  {r['sample_seconds']:7.1f} s")
-            metrics["fid_vs_steps"] = table
-    metrics.update(args=vars(args))
-    write_metrics(os.path.join(args.out, "metrics.json"), metrics)
-    say(f"wrote {args.out}: grid.png, process.png, process.gif, samples/ and samples.zip ({len(images)} images), "
-        f"metrics.json")
-    return metrics
-
-
-# =================================================================================================================
-# =================================================================================================================
-# APPENDIX: plumbing. Everything above is the method; what follows checks inputs, saves and restores runs,
-# handles Ctrl-C and torchrun, and draws the plots. Python looks these names up when they are called, so they
-# may live below main().
-# =================================================================================================================
-# =================================================================================================================
-
-# ---- argument checks --------------------------------------------------------------------------------------------
-class FlagParser(argparse.ArgumentParser):
-    """argparse's parser, but a bad flag is told in one sentence (and exit status 2) instead of the usage block."""
-
-    def error(self, message):
-        fail(f"{message} (see --help)")
-
-
-def parse_with_preset(parser, argv):
-    """Parse argv, with --preset's values as the defaults: an explicit flag still wins over the preset.
-
-    --epochs and --iters are one choice, when to stop, so an explicit --epochs also sets aside a preset's --iters;
-    likewise an explicit --sampler ddpm (all T steps) sets aside a preset's DDIM --steps."""
-    # argparse leaves a value the namespace already holds unless its flag is given: None afterwards means "not given".
-    given = parser.parse_known_args(argv, argparse.Namespace(epochs=None, iters=None, sampler=None, steps=None))[0]
-    if given.preset:
-        parser.set_defaults(**PRESETS[given.preset])
-    args = parser.parse_args(argv)
-    if given.epochs is not None and given.iters is None:
-        args.iters = None
-    if given.sampler == "ddpm" and given.steps is None:
-        args.steps = None
-    return args
-
-
-def fail(message):
-    """One clear sentence and a non-zero exit: how every script reports bad input."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-def at_least(flag, value, low):
-    return None if value is None or value >= low else f"{flag} must be at least {low}, got {value}"
-
-
-def between(flag, value, low, high, high_included=True):
-    inside = value is None or (low <= value <= high if high_included else low <= value < high)
-    return None if inside else f"{flag} must be in [{low}, {high}{']' if high_included else ')'}, got {value}"
-
-
-def must(condition, message):
-    return None if condition else message
-
-
-def device_problem(device):
-    """Why --device cannot be used here (None if it can)."""
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        return f"--device {device!r} is not a device; use cpu, cuda or cuda:N"
-    if parsed.type not in ("cpu", "cuda"):
-        return f"--device {device} is not supported; use cpu, cuda or cuda:N"
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        return f"--device {device} was asked for but CUDA is not available here; use --device cpu"
-    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
-        return f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)"
-    return None
-
-
-def compile_problem(args):
-    """Why --compile cannot work here (None if it can, as far as can be seen before compiling): torch.compile turns
-    the network into C++ on a CPU, built by the compiler it looks for ($CXX, else g++; clang++ on macOS, cl on
-    Windows), and into Triton kernels on a GPU. Without them it would stop at the first step with a long traceback."""
-    if not args.compile:
-        return None
-    if str(args.device).startswith("cuda"):
-        return None if importlib.util.find_spec("triton") else "--compile on a GPU needs Triton (pip install triton); run without --compile"
-    compiler = os.environ.get("CXX") or {"win32": "cl", "darwin": "clang++"}.get(sys.platform, "g++")
-    if shutil.which(compiler.split()[0]) is None:
-        return f"--compile on a CPU needs a C++ compiler ({compiler}), which this machine does not have; run without --compile"
-    return None
-
-
-def check_args(args):
-    """Every flag's value, before anything is read or written (run again with the checkpoint's values on resume)."""
-    problems = [
-        at_least("--num-points", args.num_points, 1), at_least("--train-points", args.train_points, 1),
-        at_least("--hidden", min(args.hidden), 1), at_least("--emb-dim", args.emb_dim, 2),
-        between("--fourier", args.fourier, 0, 16), at_least("--timesteps", args.timesteps, 2),
-        at_least("--iters", args.iters, 0), at_least("--batch-size", args.batch_size, 1),
-        must(args.lr > 0, f"--lr must be positive, got {args.lr}"), at_least("--warmup", args.warmup, 0),
-        at_least("--grad-clip", args.grad_clip, 0), between("--ema-decay", args.ema_decay, 0, 1, high_included=False),
-        at_least("--ckpt-every", args.ckpt_every, 1), at_least("--steps", args.steps, 1),
-        must(args.steps is None or args.sampler != "ddpm",
-             "--steps applies to --sampler ddim or dpmpp; DDPM takes all T steps (use --sampler ddim --eta 1 for a "
-             "shorter noisy chain)"),
-        must(args.resume or args.sample_only or args.ckpt or (args.steps or 1) <= args.timesteps,
-             f"--steps must be between 1 and --timesteps ({args.timesteps}), got {args.steps}"),
-        between("--eta", args.eta, 0, 1), at_least("--num-samples", args.num_samples, 0),
-        at_least("--sample-batch-size", args.sample_batch_size, 1),
-        at_least("--fid-steps", min(args.fid_steps, default=1), 1), device_problem(args.device), compile_problem(args),
-        must(args.data_dir is None or os.path.isdir(args.data_dir), f"--data-dir {args.data_dir} is not a folder"),
-    ]
-    for message in problems:
-        if message:
-            fail(message)
-
-
-def check_out_folder(out):
-    """--out must be a folder we can write to: made if missing, tried with a probe file that is removed again."""
-    if rank() != 0:
-        return
-    if os.path.exists(out) and not os.path.isdir(out):
-        fail(f"--out {out} is a file, not a folder")
-    try:
-        os.makedirs(out, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write_probe"):
-            pass
-    except OSError as e:
-        fail(f"--out {out} is not a folder this run can write to ({e.strerror or e})")
-
-
-# ---- torchrun: several processes, one GPU each ------------------------------------------------------------------
-def start_distributed(args):
-    """Under torchrun (which sets RANK and WORLD_SIZE), join the process group and take this process's GPU.
-    A plain `python script.py` run is process 0 of 1 and nothing changes."""
-    if "RANK" not in os.environ or dist.is_initialized():
-        return
-    on_gpu = args.device.startswith("cuda")
-    dist.init_process_group("nccl" if on_gpu else "gloo")
-    # On a way out that skips leave_distributed (an error), still leave the group before Python tears itself down.
-    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
-    if on_gpu:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        args.device = f"cuda:{local}"
-
-
-def leave_distributed():
-    """Under torchrun, wait here until every process has finished main(), then leave the group (a plain run: nothing).
-
-    Why wait: the process group's own threads release each collective's tensors a moment after the collective
-    returns, and releasing a tensor that Python made needs the interpreter. A process that returns from main() at
-    once (every rank but 0 does, after the last gather) can start shutting Python down before that moment, and the
-    thread then aborts the process ("terminate called without an active exception"). Waiting for rank 0 gives the
-    threads that moment. Rank 0 may spend long on FID after the last gather (half an hour for 10,000 images on a
-    CPU), longer than gloo's default 30 minutes, so gloo's barrier is given a day."""
-    if not dist.is_initialized():
-        return
-    if dist.get_backend() == "gloo":
-        dist.monitored_barrier(timeout=datetime.timedelta(days=1))
-    else:
-        dist.barrier()
-    dist.destroy_process_group()
-
-
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def my_share(x):
-    """This process's contiguous share of a batch (the whole batch in a plain run)."""
-    return x.tensor_split(world_size())[rank()] if world_size() > 1 else x
-
-
-def mean_over_processes(loss):
-    """The loss of the whole batch as a float: the mean of the processes' losses."""
-    if world_size() == 1:
-        return loss.item()
-    total = loss.detach().float().clone()
-    dist.all_reduce(total)
-    return total.item() / world_size()
-
-
-def any_process(flag):
-    """True on every process if flag is True on any of them (all stop at the same step)."""
-    if world_size() == 1:
-        return flag
-    value = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(value)
-    return value.item() > 0
-
-
-def parallel_model(model, args, device, n):
-    """The network the training step calls: DistributedDataParallel under torchrun, compiled with --compile.
-    n: the images per epoch (see check_shares)."""
-    net = model
-    if world_size() > 1:
-        check_shares(n, args.batch_size)
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(net) if args.compile else net
-
-
-def check_shares(n, batch_size):
-    """Under torchrun every process needs a share of every batch, the last short one of an epoch included."""
-    if 0 < n % batch_size < world_size():
-        fail(f"under torchrun every process needs an image of each batch, but the last batch of an epoch holds "
-             f"{n % batch_size} of the {n} images; choose a --batch-size that leaves 0 or at least {world_size()} over")
-
-
-def say(message):
-    """Print on rank 0 only (every process would print the same line)."""
-    if rank() == 0:
-        print(message, flush=True)
-
-
-# ---- Ctrl-C -----------------------------------------------------------------------------------------------------
-class CtrlC:
-    """Ctrl-C asks the training loop to stop: the step in flight finishes, a checkpoint is written, the run exits.
-    A second Ctrl-C a second or more later stops at once (torchrun forwards the first to its workers, so one
-    press may arrive twice)."""
-
-    def __enter__(self):
-        self.asked_at = None
-        self.previous = signal.signal(signal.SIGINT, self.ask)
-        return self
-
-    def ask(self, signum, frame):
-        if self.asked_at is not None and time.time() - self.asked_at > 1:
-            raise KeyboardInterrupt
-        self.asked_at = self.asked_at or time.time()
-
-    def stop_requested(self):
-        return any_process(self.asked_at is not None)
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
-
-
-# ---- checkpoints and random state -------------------------------------------------------------------------------
-def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint, or a stray temp file."""
-    tmp = path + ".tmp"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_checkpoint(path, script=None):
-    """The saved run as plain tensors and numbers: weights_only=True, a checkpoint is data and never runs code.
-    A file that is not a checkpoint, or (with script) one written by another script, stops with one sentence."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # empty, truncated, text, code: torch raises several types
-        if asks_to_run_code(path, e):
-            fail(f"{path} holds Python objects, not only tensors and numbers; it is refused, because loading it "
-                 f"could run code")
-        fail(f"{path} is not a checkpoint (it is empty, truncated or another kind of file)")
-    if script is not None and (not isinstance(saved, dict) or saved.get("script") != script):
-        source = saved.get("script") if isinstance(saved, dict) else None
-        fail(f"{path} is not a {script}.py checkpoint (it was written by "
-             f"{source + '.py' if source else 'another script or an older version of this one'})")
-    return saved
-
-
-def asks_to_run_code(path, error):
-    """Whether torch refused the file because unpickling it would call Python functions (GLOBAL, REDUCE...),
-    rather than because it is not a checkpoint at all."""
-    if "Unsupported global" in str(error):
-        return True
-    try:
-        with open(path, "rb") as fh:
-            ops = {op.name for op, _, _ in pickletools.genops(fh)}
-    except Exception:
-        return False
-    return bool(ops & {"GLOBAL", "STACK_GLOBAL", "REDUCE", "INST", "OBJ", "NEWOBJ"})
-
-
-def rng_state():
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def explicit_flags(args):
-    """The flags whose value differs from the parser's default (given on the command line, or by --preset)."""
-    defaults = build_parser().parse_args([])
-    return {k for k, v in vars(args).items() if getattr(defaults, k, v) != v}
-
-
-def load_run(args):
-    """The checkpoint to resume or sample from, checked now: it loads, it is this script's, and the flags that
-    define the run are taken from it (with a note for each one given differently on the command line)."""
-    saved = load_checkpoint(args.ckpt, SCRIPT)
-    missing = [key for key in RUN_KEYS if key not in saved.get("args", {})]
-    if missing:
-        fail(f"{args.ckpt} has no --{missing[0].replace('_', '-')} among its settings: it comes from an older version "
-             f"of {SCRIPT}.py or is damaged")
-    given = explicit_flags(args)
-    for key in RUN_KEYS:
-        if key == "seed" and args.sample_only and key in given:
-            continue  # --sample-only --seed S: the same model, another draw of the sampling noise
-        if key in given and getattr(args, key) != saved["args"][key]:
-            say(f"note: {'--resume' if args.resume else '--sample-only'} keeps the checkpoint's "
-                f"--{key.replace('_', '-')} {saved['args'][key]} (not {getattr(args, key)})")
-        setattr(args, key, saved["args"][key])
-    check_args(args)  # --steps and --fuse-t against the checkpoint's T
-    return saved
-
-
-def save_run(args, model, ema, optimizer, state):
-    if rank() == 0:
-        save_checkpoint(os.path.join(args.out, "ckpt.pt"), {
-            "script": SCRIPT, "model": model.state_dict(), "ema": ema.module.state_dict(), "ema_updates": ema.updates,
-            "optimizer": optimizer.state_dict(),
-            "args": vars(args), "rng": rng_state(), "losses": torch.tensor(state["losses"]),
-            **{k: v for k, v in state.items() if k != "losses"}})
-
-
-def restore_run(saved, args, model, ema, optimizer, state):
-    model.load_state_dict(saved["model"])
-    ema.module.load_state_dict(saved["ema"])
-    ema.updates = saved["ema_updates"]
-    optimizer.load_state_dict(saved["optimizer"])
-    state.update({k: saved[k] for k in state if k != "losses"})
-    state["losses"] = saved["losses"].tolist()
-    if args.resume:
-        set_rng_state(saved["rng"])
-        say(f"resuming {args.ckpt} at step {state['step']}" + (f" (epoch {state['epoch']})" if "epoch" in state else ""))
-
-
-# ---- training helpers -------------------------------------------------------------------------------------------
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
-def format_seconds(s):
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-class Progress:
-    """One line every few seconds: (epoch,) step, the given losses, images per second and the time left."""
-
-    def __init__(self, step, total):
-        self.start_step, self.total = step, total
-        self.start = self.last = time.time()
-
-    def show(self, state, losses, batch_size, iters_per_epoch=None):
-        if time.time() - self.last < 5 and state["step"] != self.total:
-            return
-        self.last = time.time()
-        rate = (state["step"] - self.start_step) / max(1e-9, self.last - self.start)
-        epoch = ""
-        if iters_per_epoch:
-            epoch = f"epoch {state['epoch'] + (state['batch_in_epoch'] > 0)}/{math.ceil(self.total / iters_per_epoch)}  "
-        say(f"{epoch}step {state['step']}/{self.total}  {losses}  {rate * batch_size:.0f} img/s  "
-            f"left {format_seconds((self.total - state['step']) / max(rate, 1e-9))}")
-
-
-# ---- writing outputs --------------------------------------------------------------------------------------------
-def remove_stale(path):
-    if os.path.exists(path):
-        os.remove(path)
-
-
-def get_font(size):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has only the small bitmap font
-        return ImageFont.load_default()
-
-
-def tick_labels(values):
-    """The axis labels for these tick values: 3 significant digits, or more where 3 would print two ticks alike
-    (a loss that barely moves spans 1.005 to 1.012)."""
-    for digits in range(3, 16):
-        labels = [f"{v:.{digits}g}" for v in values]
-        if len(set(labels)) == len(labels):
-            break
-    return labels
-
-
-def plot_loss(curves, path, title):
-    """{name: values per iteration} as a PIL line plot: each curve faint, its moving average bold; the y axis on a log
-    scale when every value is positive and they span a decade (a diffusion loss does)."""
-    W, H, m = 900, 540, 80  # size and margin
-    img, font = Image.new("RGB", (W, H), "white"), get_font(15)
-    draw, every = ImageDraw.Draw(img), np.concatenate([np.asarray(v, dtype=np.float64) for v in curves.values()])
-    f = np.log10 if (every > 0).all() and every.max() >= 10 * every.min() else np.asarray
-    lo, hi = np.percentile(f(every), [0.5, 100]) + [-1e-6, 1e-6]  # the first few, largest values would squash the rest
-    n = max(len(v) for v in curves.values())
-    xy = lambda i, v: (m + (W - 2 * m) * i / max(1, n - 1), H - m - (H - 2 * m) * (np.clip(v, lo, hi) - lo) / (hi - lo))
-    draw.rectangle([m, m, W - m, H - m], outline="black")
-    ticks = np.linspace(lo, hi, 6)
-    for v, label in zip(ticks, tick_labels(10 ** ticks if f is np.log10 else ticks)):
-        draw.text((m - 6, xy(0, v)[1]), label, fill="black", font=font, anchor="rm")
-    for k, (name, v) in enumerate(curves.items()):
-        colour, v, window = [(31, 119, 180), (214, 39, 40), (44, 160, 44)][k % 3], f(np.asarray(v, float)), max(1, len(v) // 100)
-        draw.line([xy(i, v[i]) for i in range(len(v))], fill=tuple(c + (255 - c) * 2 // 3 for c in colour))
-        draw.line([xy(i + window - 1, a) for i, a in enumerate(np.convolve(v, np.ones(window) / window, "valid"))], fill=colour, width=2)
-        draw.text((W - m - 8, m + 8 + 22 * k), f"{name} (moving average of {window})", fill=colour, font=font, anchor="ra")
-    draw.text((W / 2, m / 2), title, fill="black", font=font, anchor="mm")
-    draw.text((W / 2, H - m / 2), f"iteration 1 ... {n}" + ("; loss on a log scale" if f is np.log10 else ""), fill="black",
-              font=font, anchor="mm")
-    img.save(path)
-
-
-def write_loss(args, curves, title):
-    """loss.csv (one row per iteration, a column per curve) and loss.png, on rank 0."""
-    if rank() != 0:
-        return
-    with open(os.path.join(args.out, "loss.csv"), "w", newline="") as fh:
-        header = [name.replace("training ", "").replace(" ", "_") for name in curves]  # "training loss" -> "loss"
-        csv.writer(fh).writerows([("iteration", *header)]
-                                 + [(i + 1, *row) for i, row in enumerate(zip(*curves.values()))])
-    if len(next(iter(curves.values()))):
-        plot_loss(curves, os.path.join(args.out, "loss.png"), title)
-
-
-def write_metrics(path, metrics):
-    with open(path + ".tmp", "w") as fh:
-        json.dump(metrics, fh, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-def scatter_panel(points, reference, title, lo, hi, size=480):
-    """Generated points (blue) drawn over the reference (grey) on the square [lo, hi]^2, as a PIL image.
-    Points outside the square are counted in the caption rather than silently lost."""
-    margin_l, margin_t, margin_b = 50, 36, 40
-    img = Image.new("RGB", (size + margin_l + 10, size + margin_t + margin_b), "white")
-    draw, font, small = ImageDraw.Draw(img), get_font(16), get_font(12)
-    to_px = lambda p: (margin_l + (p[:, 0] - lo) / (hi - lo) * size, margin_t + (hi - p[:, 1]) / (hi - lo) * size)
-    draw.rectangle([margin_l, margin_t, margin_l + size, margin_t + size], outline="black")
-    for v in np.linspace(lo, hi, 5):
-        x, y = to_px(np.array([[v, v]]))
-        draw.line([x[0], margin_t + size, x[0], margin_t + size + 4], fill="black")
-        draw.text((x[0], margin_t + size + 6), f"{v:.1f}", fill="black", font=small, anchor="ma")
-        draw.line([margin_l - 4, y[0], margin_l, y[0]], fill="black")
-        draw.text((margin_l - 6, y[0]), f"{v:.1f}", fill="black", font=small, anchor="rm")
-    outside = 0
-    for pts, colour, r in ((reference, (170, 170, 170), 1.6), (points, (31, 90, 200), 1.2)):
+            progress.show(state)  # also counts the training seconds
+            epoch_end = state["step"] % steps_per_epoch == 0 or state["step"] == total
+            if epoch_end:  # points from fixed noise, to see the model learn
+                save_progress_plot(ema.module, sched, reference, args, -(-state["step"] // steps_per_epoch))
+            stop = ctrl_c.stop_requested()
+            if epoch_end or stop:
+                plumbing.save_run(args, SCRIPT, state, stop, model=model, ema=ema, optimizer=optimizer)
+
+
+# ---- the homework's deliverables: the CD table and the scatter plots ----------------------------------------------
+def scatter_panel(points, reference, title, size=480):
+    """Generated points (blue) over the reference (grey), on a square 15% wider than the reference; a PIL image."""
+    span, m = reference.abs().max().item() * 1.15, 30  # half the square's side, the margin in pixels
+    img = Image.new("RGB", (size + 2 * m, size + 2 * m), "white")
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=14)
+    draw.rectangle([m, m, m + size, m + size], outline="black")
+    for pts, colour in ((reference, (170, 170, 170)), (points, (31, 90, 200))):
         pts = pts.cpu().double().numpy()
-        inside = ((pts >= lo) & (pts <= hi)).all(axis=1)
-        if pts is not reference:
-            outside = int((~inside).sum())
-        xs, ys = to_px(pts[inside])
-        for x, y in zip(xs, ys):
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
-    draw.text((margin_l + size / 2, 8), title, fill="black", font=font, anchor="ma")
-    caption = "blue: generated, grey: reference" + (f"  ({outside} generated points outside)" if outside else "")
-    draw.text((margin_l + size / 2, margin_t + size + 22), caption, fill="black", font=small, anchor="ma")
+        inside = (np.abs(pts) <= span).all(axis=1)
+        for x, y in (pts[inside] / span + [1, -1]) * [size / 2, -size / 2] + m:
+            draw.ellipse([x - 1.4, y - 1.4, x + 1.4, y + 1.4], fill=colour)
+    draw.text((m + size / 2, m / 2), title, fill="black", font=font, anchor="mm")
+    caption = f"grey: reference, blue: generated ({(~inside).sum()} outside)"
+    draw.text((m + size / 2, size + 1.5 * m), caption, fill="black", font=font, anchor="mm")
     return img
 
 
-def tile_panels(panels, columns):
-    w, h = panels[0].size
-    rows = math.ceil(len(panels) / columns)
-    sheet = Image.new("RGB", (w * columns, h * rows), "white")
-    for k, panel in enumerate(panels):
-        sheet.paste(panel, ((k % columns) * w, (k // columns) * h))
-    return sheet
+def save_progress_plot(model, sched, reference, args, epoch):
+    """progress/epoch_NNN.png: 256 points from fixed noise by DDIM-20, with its own generator (as ddpm_mnist.py)."""
+    g = torch.Generator(reference.device).manual_seed(args.seed)
+    x_T = torch.randn((256, 2), generator=g, device=reference.device)
+    points = run_sampler(model, sched, x_T, "ddim", min(20, sched.T), generator=g)
+    plot = scatter_panel(points, reference, f"epoch {epoch}: DDIM, 20 steps", size=320)
+    plumbing.save_progress(torch.from_numpy(np.array(plot)).permute(2, 0, 1)[None] / 127.5 - 1, args.out, epoch)
 
 
-def row_name(sampler, steps, eta, spacing):
-    """ddpm_1000, ddim_50_eta0, dpmpp_20; a spacing other than the sampler's usual one is added: ddim_50_eta0_course."""
-    name = {"ddpm": f"ddpm_{steps}", "ddim": f"ddim_{steps}_eta{eta:g}", "dpmpp": f"dpmpp_{steps}"}[sampler]
-    usual = {"ddpm": "all", "ddim": "uniform", "dpmpp": "quadratic"}[sampler]
-    return name if spacing == usual else f"{name}_{spacing}"
+def chamfer_table(args, net, sched, reference):
+    """The run's own sampler, then each row of TABLE, all from the same x_T: the CD of its points to the reference,
+    scatter/<row>.png and a line of table.txt. Returns the rows."""
+    usual = {"ddpm": "all", "ddim": "uniform", "dpmpp": "quadratic"}  # a row's name adds any other spacing
+    own = {**usual, "ddim": "course" if args.spacing == "course" else "uniform"}
+    configs = dict.fromkeys(  # each row once, in order; ddpm takes all T steps, eta is DDIM's alone
+        (s, sched.T if s == "ddpm" else min(n, sched.T), e if s == "ddim" else 0.0,
+         own[s] if sp == "auto" or s == "ddpm" else sp)
+        for s, n, e, sp in [(args.sampler, args.steps, args.eta, args.spacing)] + TABLE)
+    shutil.rmtree(os.path.join(args.out, "scatter"), ignore_errors=True)  # a rerun's plots never mix with the last's
+    os.makedirs(os.path.join(args.out, "scatter"))
+    rows, lines = [], [f"{'sampler':<8}{'steps':>7}{'eta':>6}  {'spacing':<10}{'CD':>10}{'seconds':>10}"]
+    for sampler, steps, eta, spacing in configs:
+        g = torch.Generator(reference.device).manual_seed(args.seed)
+        x_T = torch.randn((args.num_points, 2), generator=g, device=reference.device)
+        start = time.time()
+        points = run_sampler(net, sched, x_T, sampler, steps, eta, g, spacing=spacing)
+        seconds, cd = time.time() - start, chamfer_distance(points, reference)
+        name = f"{sampler}_{steps}" + (f"_eta{eta:g}" if sampler == "ddim" else "")
+        name += "" if spacing == usual[sampler] else f"_{spacing}"  # ddpm_1000, ddim_50_eta0_course, dpmpp_20
+        rows.append({"name": name, "sampler": sampler, "steps": steps, "eta": eta if sampler == "ddim" else None,
+                     "spacing": spacing, "cd": cd, "seconds": round(seconds, 3)})
+        scatter_panel(points, reference, f"{name}: CD {cd:.2f}").save(os.path.join(args.out, "scatter", name + ".png"))
+        shown_eta = f"{eta:g}" if sampler == "ddim" else "-"
+        lines.append(f"{sampler:<8}{steps:>7}{shown_eta:>6}  {spacing:<10}{cd:>10.3f}{seconds:>10.2f}")
+    plumbing.say("\n".join(lines))
+    with open(os.path.join(args.out, "table.txt"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return rows
 
 
-def write_table(rows, path_txt):
-    lines = [f"{'sampler':<8}{'steps':>7}{'eta':>6}  {'spacing':<10}{'CD':>10}{'seconds':>10}"]
-    for r in rows:
-        eta = f"{r['eta']:g}" if r["sampler"] == "ddim" else "-"
-        lines.append(f"{r['sampler']:<8}{r['steps']:>7}{eta:>6}  {r['spacing']:<10}{r['cd']:>10.3f}"
-                     f"{r['seconds']:>10.2f}")
-    text = "\n".join(lines)
-    print(text, flush=True)
-    with open(path_txt, "w") as fh:
-        fh.write(text + "\n")
+# ---- image mode: the same samplers on a ddpm_mnist.py checkpoint ------------------------------------------------
+def sample_images(args):
+    """--ckpt of a ddpm_mnist.py run: its EMA UNet sampled with --sampler; writes what ddpm_mnist.py writes."""
+    saved = plumbing.load_checkpoint(args.ckpt, "ddpm_mnist")
+    ck = argparse.Namespace(**saved["args"])
+    plumbing.check(plumbing.between("--steps", args.steps, 1, ck.timesteps))
+    steps = ck.timesteps if args.sampler == "ddpm" else args.steps or min(50, ck.timesteps)
+    ck.out, ck.fid_ref_limit = args.out, args.fid_ref_limit or ck.fid_ref_limit  # FID: that run's reference
+    stats = args.fid_stats or plumbing.training_set_stats(ck)
+    inception = plumbing.prepare_fid(args, stats) if args.fid else None
+    plumbing.make_out_folder(args.out)
+    device = torch.device(args.device)
+    shape = (1, 28, 28) if ck.dataset == "mnist" else (3, ck.image_size, ck.image_size)
+    sched = NoiseSchedule(make_betas(ck.schedule, ck.timesteps)).to(device)
+    model = ddpm_mnist.build_model(ck, shape[0]).to(device).eval()
+    model.load_state_dict(saved["ema"]["weights"])
+    eps_fn = ddpm_mnist.make_eps_fn(torch.compile(model) if args.compile else model, device.type == "cuda")
+    g = torch.Generator(device).manual_seed(args.seed)
+    x_T = torch.randn((8, *shape), generator=g, device=device)
+    _, frames = run_sampler(eps_fn, sched, x_T, args.sampler, steps, args.eta, g, 56, clip=True, spacing=args.spacing)
+
+    def draw(count, g):  # count images from noise by --sampler, as uint8
+        x_T = torch.randn((count, *shape), generator=g, device=device)
+        return plumbing.to_uint8(run_sampler(eps_fn, sched, x_T, args.sampler, steps, args.eta, g, clip=True,
+                                             spacing=args.spacing))
+    start = time.time()
+    images = plumbing.sample_in_batches(draw, args.num_samples, args.sample_batch_size, args.seed, device)
+    if not plumbing.leave_distributed():
+        return None  # under torchrun the other processes stop here: process 0 writes and grades
+    plumbing.write_samples(args.out, images, frames)  # 56 frames + noise: 8 columns of 8 samples in process.png
+    metrics = {"device": plumbing.device_name(device), "torch": torch.__version__, "ckpt": args.ckpt,
+               "sampler": args.sampler, "sampling_steps": steps, "eta": args.eta if args.sampler == "ddim" else None,
+               "spacing": args.spacing, "num_samples": len(images), "sample_seconds": round(time.time() - start, 1)}
+    if inception is not None:
+        reference = functools.partial(ddpm_mnist.load_training_images, ck, ck.fid_ref_limit)  # read only if not cached
+        metrics.update(plumbing.compute_fid(images, inception, stats, reference, device))
+    plumbing.write_metrics(os.path.join(args.out, "metrics.json"), {**metrics, "args": vars(args)})
+    plumbing.save_as(args)
+    return metrics
 
 
-if __name__ == "__main__":  # last, so that main() finds every function of the appendix
+def main(argv=None):
+    args = parse_args(argv)
+    plumbing.start_distributed(args)
+    if args.images:
+        return sample_images(args)
+    saved = None
+    if args.resume or args.sample_only:
+        saved = plumbing.load_run(args, SCRIPT, RUN_KEYS, parse_args([]))
+        check_args(args)  # again: the checkpoint's T bounds --steps
+    args.steps = args.steps or min(50, args.timesteps)
+    device = torch.device(args.device)
+    pool, reference = [x.to(device) for x in make_point_data(args.data, args.train_points, args.num_points, args.seed)]
+    plumbing.make_out_folder(args.out)
+
+    torch.manual_seed(args.seed)
+    sched = NoiseSchedule(make_betas(args.schedule, args.timesteps)).to(device)
+    model = NoiseMLP(2, args.hidden, args.emb_dim, args.fourier, args.residual, args.time, args.skip).to(device)
+    ema = EMA(model, args.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
+    state = {"step": 0, "seconds": 0.0, "losses": {"loss": []}}
+    if saved is not None:
+        plumbing.restore_run(saved, args, state, model=model, ema=ema, optimizer=optimizer)
+
+    metrics = {"device": plumbing.device_name(device), "torch": torch.__version__, "data": args.data,
+               "num_points": args.num_points, "reference": f"{args.num_points} points, numpy seed [{args.seed}, 1]"}
+    if not args.sample_only:
+        cpu = time.process_time()  # CPU seconds too: on a shared machine the wall time grows with the load
+        train(args, pool, model, ema, optimizer, sched, reference, state)
+        plumbing.write_loss(args.out, state["losses"], f"diffusion loss ({args.data}, batch {args.batch_size})")
+        metrics.update(train_seconds=round(state["seconds"], 1), train_cpu_seconds=round(time.process_time() - cpu, 1),
+                       iters=state["step"])
+    if not plumbing.leave_distributed():
+        return None  # under torchrun the other processes stop here: process 0 samples and grades
+    if os.path.exists(os.path.join(args.out, "metrics.json")):  # it described the plots about to be replaced
+        os.remove(os.path.join(args.out, "metrics.json"))
+    # The EMA network in float32, even on a GPU: 2D points need more precision than bf16 gives.
+    metrics["rows"] = chamfer_table(args, ema.module, sched, reference)
+    plumbing.write_metrics(os.path.join(args.out, "metrics.json"), {**metrics, "args": vars(args)})
+    plumbing.save_as(args)
+    return metrics
+
+
+if __name__ == "__main__":
     main()
-    leave_distributed()

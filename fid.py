@@ -1,864 +1,298 @@
-"""fid.py: the Fréchet Inception Distance, written out in one file.
+"""fid.py: the Fréchet Inception Distance (FID), written out in one file.
 
-What FID measures
------------------
-Push N real and N generated images through a fixed ImageNet classifier (Inception-v3) and keep the
-2048 numbers of its last pooling layer ("pool3") for every image. Fit one Gaussian to each set of
-feature vectors, with mean μ and covariance Σ, and report the Fréchet (2-Wasserstein) distance
-between the two Gaussians:
+Push N real and N generated images through a fixed ImageNet classifier (Inception-v3), keep the 2048 numbers of its
+last pooling layer ("pool3") for each image, fit a Gaussian (mean μ, covariance Σ) to each set of feature vectors
+and report the Fréchet distance between the two Gaussians (lower is better; 0 for equal statistics):
 
-    FID = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁ Σ₂)^{1/2})
+    FID = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁ Σ₂)^{1/2})                                       frechet_distance
 
-Lower is better; 0 means the two feature distributions have the same mean and covariance.
+The protocol is pytorch-fid's (and pytorch_gan_metrics 0.5.3's), so the number printed is the number a grader gets:
+    uint8 RGB (grey replicated) / 255, bilinear resize to 299×299, then 2x − 1          FIDInceptionV3.forward
+    the FID Inception (TF 2015-12-05 weights) in float32 with TF32 off: N×2048 pool3    compute_features
+    μ and Σ = np.cov(rowvar=False) in float64, kept in .npz files as `mu` and `sigma`   compute_statistics
+    (Σ₁Σ₂)^{1/2} by scipy.linalg.sqrtm, with pytorch-fid's ε retry and imaginary check  frechet_distance
 
-The protocol (identical to pytorch-fid and pytorch_gan_metrics, so this number is the grader's)
---------------------------------------------------------------------------------------------
-1. Images are uint8 RGB. Files are read with PIL and `.convert("RGB")` (grayscale is replicated to
-   3 channels). In-memory samples are first quantised to uint8 exactly as saving them as PNG with
-   torchvision's `save_image` would: floor(255 · clamp(x, 0, 1) + 0.5).
-2. x / 255, bilinear resize to 299×299 (`align_corners=False`), then 2x − 1.
-3. The FID variant of Inception-v3 with the TensorFlow 2015-12-05 weights (`FIDInceptionA/C/E`,
-   below), in float32 with TF32 off; the 2048-d pool3 output is the feature vector.
-4. μ = mean and Σ = `np.cov(rowvar=False)` of the features, in float64.
-5. (Σ₁Σ₂)^{1/2} by `scipy.linalg.sqrtm`, with pytorch-fid's ε retry and imaginary-part check.
-Statistics files are `.npz` with arrays `mu` and `sigma`, interchangeable with both tools.
-FID is biased upward for small N and needs N > 2048 for a full-rank Σ: grade with 10,000 samples.
-
-Usage
------
-    python fid.py samples/ reference_stats.npz              # folder or .npz on either side
-    python fid.py --save-stats samples/ samples_stats.npz   # folder -> statistics file
+    python fid.py samples/ reference_stats.npz             # a folder or an .npz on either side
+    python fid.py --save-stats samples/ samples_stats.npz   # folder -> statistics file (mu, sigma)
     python fid.py --mnist-stats mnist_train_stats.npz --data-dir ./data
-    python fid.py real/ fake/ --limit 500 --device cpu      # quick check on the first 500 images
-    python fid.py a/ b/ --inception ../shared/weights/pt_inception-2015-12-05-nofc.pth
-
-From Python (how the training scripts use it):
-
-    import fid
-    mu, sigma = fid.compute_statistics(samples, value_range=(-1, 1))  # N×C×H×W tensor
-    ref_mu, ref_sigma = fid.load_statistics("mnist_train_stats.npz")
-    score = fid.frechet_distance(mu, sigma, ref_mu, ref_sigma)
+    python fid.py real/ fake/ --limit 500 --device cpu --inception pt_inception-2015-12-05-6726825d.pth
 """
-
 import argparse
-import contextlib
 import os
 import sys
-import time
-import warnings
 from pathlib import Path
 
-import numpy as np
-import scipy.linalg
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
+import numpy as np
 from PIL import Image
+import scipy.linalg
 
-# ----------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------
-# The protocol's fixed numbers live here, next to the flags; nothing below hides another constant.
-# fid.py is the library the other scripts import; these two differ from ddpm_mnist.py's copies on purpose.
-DELIBERATELY_DIFFERENT = {
-    "to_uint8": "takes any value range and checks it, since a wrong range silently gives a wrong FID",
-    "list_images": "raises FIDError for callers to catch instead of exiting the program",
-    "Progress": "counts images through the network, on stderr, for a library's callers",
-    "FlagParser": "its command line exits with status 1 and the message, as every other error of fid.py does",
-}
+FEATURE_DIM = 2048  # the width of pool3
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
-WEIGHTS_ENV = "FID_INCEPTION_WEIGHTS"
-INCEPTION_SIZE = 299          # the resolution the TF graph was trained at
-FEATURE_DIM = 2048            # pool3 width
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg"}
-PROGRESS_EVERY_S = 5.0
-BATCH_SIZE = {"cuda": 250, "cpu": 50}  # 50 as in pytorch-fid; any size gives the same FID
-
-
-class FlagParser(argparse.ArgumentParser):
-    """argparse's parser, but a bad flag is told in one line instead of the usage block."""
-
-    def error(self, message):
-        sys.exit(f"error: {message} (see --help)")
-
-
-def build_parser():
-    p = FlagParser(
-        description="Fréchet Inception Distance between two image folders or .npz statistics files "
-                    "(the pytorch-fid protocol).")
-    p.add_argument("paths", nargs="*", metavar="A B",
-                   help="two inputs, each a folder of .png/.jpg/.jpeg images (searched "
-                        "recursively) or an .npz file with mu and sigma")
-    p.add_argument("--save-stats", nargs=2, metavar=("FOLDER", "OUT.npz"),
-                   help="compute the statistics of FOLDER and write them to OUT.npz")
-    p.add_argument("--mnist-stats", metavar="OUT.npz",
-                   help="write the statistics of the 60,000 MNIST training digits (28×28, as RGB)")
-    p.add_argument("--data-dir", default="./data",
-                   help="where torchvision finds or downloads MNIST (for --mnist-stats)")
-    p.add_argument("--inception", metavar="PATH", default=None,
-                   help=f"Inception weights file (default: ${WEIGHTS_ENV}, else download "
-                        f"pytorch-fid's release file into the torch hub cache)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help=f"images per forward pass (default: {BATCH_SIZE['cuda']} on cuda, "
-                        f"{BATCH_SIZE['cpu']} on cpu)")
-    p.add_argument("--device", default=None,
-                   help="cuda or cpu (default: cuda if available, else cpu)")
-    p.add_argument("--num-workers", type=int, default=None,
-                   help="image-decoding worker processes (default: min(8, CPUs) on cuda, 0 on cpu)")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="use only the first N images of each folder (sorted by path)")
-    return p
 
 
 class FIDError(Exception):
-    """A problem with the user's input, told in one sentence; the CLI prints it, no traceback."""
+    """A problem with the user's input, told in one sentence (the command line prints it, no traceback)."""
 
 
-class FIDWarning(UserWarning):
-    """The number is computed but should be read with care (few samples, singular covariance)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# The network: Inception-v3 as the 2015-12-05 TensorFlow graph computes it
-# ----------------------------------------------------------------------------------------------
-# Attribute names are the keys of the weights file (Conv2d_1a_3x3.conv.weight,
-# Mixed_5b.branch1x1.bn.running_mean, ...). Three details differ from torchvision's Inception-v3,
-# and each changes the features: TF's average pools ignore the zero padding
-# (count_include_pad=False), the last block uses a max pool in its pool branch, and the input is
-# scaled to [-1, 1] rather than normalised with ImageNet's mean and std.
-
-class BasicConv2d(nn.Module):
-    """Convolution without bias (the BatchNorm shift replaces it), BatchNorm with TF's eps, ReLU."""
-
-    def __init__(self, in_channels, out_channels, **conv_args):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, bias=False, **conv_args)
-        self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
-
+# The network: torchvision's Inception-v3 with the TensorFlow 2015-12-05 weights, changed in the three ways the TF
+# graph differs from it (pytorch-fid's FIDInception blocks), since each one changes the features:
+# 1. TF's average pools ignore the zero padding (count_include_pad=False), in blocks A, C and E_1;
+# 2. the last block, E_2, takes a max pool in its pool branch, a quirk of the 2015 graph;
+# 3. the input is scaled to [-1, 1] (see FIDInceptionV3.forward), not normalised with ImageNet's mean and std.
+# The attribute names are the keys of the weights file (Mixed_5b.branch1x1.conv.weight, ...).
 
 def tf_avg_pool(x):
-    # TF divides each window by the number of real pixels in it, not by 9.
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
 
 
-class FIDInceptionA(nn.Module):
+class FIDInceptionA(torchvision.models.inception.InceptionA):
     """35×35 block: 1×1, 5×5, double 3×3 and pool branches side by side."""
 
-    def __init__(self, in_channels, pool_features):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(in_channels, 64, kernel_size=1)
-        self.branch5x5_1 = BasicConv2d(in_channels, 48, kernel_size=1)
-        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
-        self.branch_pool = BasicConv2d(in_channels, pool_features, kernel_size=1)
-
     def forward(self, x):
-        b1 = self.branch1x1(x)
         b5 = self.branch5x5_2(self.branch5x5_1(x))
         b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        bp = self.branch_pool(tf_avg_pool(x))
-        return torch.cat([b1, b5, b3, bp], dim=1)
+        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(tf_avg_pool(x))], dim=1)
 
 
-class InceptionB(nn.Module):
-    """Grid reduction 35×35 → 17×17 (strided convolutions next to a max pool)."""
-
-    def __init__(self, in_channels):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(in_channels, 384, kernel_size=3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+class FIDInceptionC(torchvision.models.inception.InceptionC):
+    """17×17 block: 7×7 convolutions factored into 1×7 and 7×1."""
 
     def forward(self, x):
-        b3 = self.branch3x3(x)
-        b3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        bp = F.max_pool2d(x, kernel_size=3, stride=2)
-        return torch.cat([b3, b3dbl, bp], dim=1)
-
-
-class FIDInceptionC(nn.Module):
-    """17×17 block: 7×7 convolutions factored into 1×7 and 7×1 to save compute."""
-
-    def __init__(self, in_channels, channels_7x7):
-        super().__init__()
-        c7 = channels_7x7
-        self.branch1x1 = BasicConv2d(in_channels, 192, kernel_size=1)
-        self.branch7x7_1 = BasicConv2d(in_channels, c7, kernel_size=1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(in_channels, c7, kernel_size=1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
-
-    def forward(self, x):
-        b1 = self.branch1x1(x)
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        b7dbl = self.branch7x7dbl_1(x)
-        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                     self.branch7x7dbl_5):
-            b7dbl = conv(b7dbl)
-        bp = self.branch_pool(tf_avg_pool(x))
-        return torch.cat([b1, b7, b7dbl, bp], dim=1)
+        b7dbl = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+        b7dbl = self.branch7x7dbl_5(self.branch7x7dbl_4(b7dbl))
+        return torch.cat([self.branch1x1(x), b7, b7dbl, self.branch_pool(tf_avg_pool(x))], dim=1)
 
 
-class InceptionD(nn.Module):
-    """Grid reduction 17×17 → 8×8."""
+class FIDInceptionE_1(torchvision.models.inception.InceptionE):
+    """8×8 block whose 3×3 branches split into parallel 1×3 and 3×1 halves."""
 
-    def __init__(self, in_channels):
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(in_channels, 192, kernel_size=1)
-        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(in_channels, 192, kernel_size=1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+    def pool(self, x):
+        return tf_avg_pool(x)
 
     def forward(self, x):
-        b3 = self.branch3x3_2(self.branch3x3_1(x))
-        b7 = self.branch7x7x3_1(x)
-        for conv in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
-            b7 = conv(b7)
-        bp = F.max_pool2d(x, kernel_size=3, stride=2)
-        return torch.cat([b3, b7, bp], dim=1)
-
-
-class FIDInceptionE(nn.Module):
-    """8×8 block whose 3×3 branches split into parallel 1×3 and 3×1 halves.
-
-    The TF graph's first E block (E_1) averages in its pool branch; the last one (E_2) takes the
-    maximum, a quirk of the 2015 graph that pytorch-fid reproduces and so must we.
-    """
-
-    def __init__(self, in_channels, max_pool_branch):
-        super().__init__()
-        self.max_pool_branch = max_pool_branch
-        self.branch1x1 = BasicConv2d(in_channels, 320, kernel_size=1)
-        self.branch3x3_1 = BasicConv2d(in_channels, 384, kernel_size=1)
-        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 448, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
-
-    def forward(self, x):
-        b1 = self.branch1x1(x)
         b3 = self.branch3x3_1(x)
         b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], dim=1)
         b3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         b3dbl = torch.cat([self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl)], dim=1)
-        if self.max_pool_branch:
-            pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-        else:
-            pooled = tf_avg_pool(x)
-        bp = self.branch_pool(pooled)
-        return torch.cat([b1, b3, b3dbl, bp], dim=1)
+        return torch.cat([self.branch1x1(x), b3, b3dbl, self.branch_pool(self.pool(x))], dim=1)
 
 
-class FIDInceptionV3(nn.Module):
-    """Maps float images in [0, 1], N×C×H×W (any H, W; C = 1 or 3), to N×2048 pool3 features."""
+class FIDInceptionE_2(FIDInceptionE_1):
+    """The last 8×8 block: the same, with a max pool in its pool branch."""
+
+    def pool(self, x):
+        return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+
+
+class FIDInceptionV3(torchvision.models.inception.Inception3):
+    """Maps uint8 N×C×H×W images (C = 1 or 3, any H×W) to N×2048 pool3 features, as pytorch-fid computes them."""
 
     def __init__(self):
-        super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        super().__init__(aux_logits=False, init_weights=False)
         self.Mixed_5b = FIDInceptionA(192, pool_features=32)
         self.Mixed_5c = FIDInceptionA(256, pool_features=64)
         self.Mixed_5d = FIDInceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)
         self.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
         self.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
         self.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
         self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = FIDInceptionE(1280, max_pool_branch=False)   # E_1
-        self.Mixed_7c = FIDInceptionE(2048, max_pool_branch=True)    # E_2
+        self.Mixed_7b = FIDInceptionE_1(1280)
+        self.Mixed_7c = FIDInceptionE_2(2048)
+        del self.fc  # the ImageNet logits come after pool3, so FID never uses them
 
     def forward(self, images):
-        if images.shape[1] == 1:
-            images = images.repeat(1, 3, 1, 1)
-        # Resizing the float image (not the uint8 one) and align_corners=False are part of the
-        # protocol: both change pixel values and hence the FID.
-        x = F.interpolate(images, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear",
-                          align_corners=False)
+        x = images.expand(-1, 3, -1, -1).float() / 255  # grey replicated to RGB, as PIL's convert("RGB") does
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         x = 2 * x - 1
-        # channels_last makes convolutions 1.5-2× faster (oneDNN on CPU, cuDNN on GPU); the
-        # features agree with the default layout to float32 rounding.
-        x = x.contiguous(memory_format=torch.channels_last)
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))     # 147×147
-        x = F.max_pool2d(x, kernel_size=3, stride=2)                          # 73×73
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))                         # 71×71
-        x = F.max_pool2d(x, kernel_size=3, stride=2)                          # 35×35
-        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))
-        x = self.Mixed_6a(x)                                                  # 17×17
-        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))
-        x = self.Mixed_7a(x)                                                  # 8×8
-        x = self.Mixed_7c(self.Mixed_7b(x))
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)                        # pool3: N×2048
-
-
-def pick_device(device=None):
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise FIDError(f"unknown device {device!r}; use cuda or cpu.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FIDError("device cuda was asked for but no CUDA GPU is available; use cpu.")
-    return device
+        x = self.maxpool1(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))))  # N×64×73×73
+        x = self.maxpool2(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)))  # N×192×35×35
+        x = self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))  # N×768×17×17
+        x = self.Mixed_7a(self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x)))))  # N×1280×8×8
+        x = self.Mixed_7c(self.Mixed_7b(x))  # N×2048×8×8
+        return self.avgpool(x).flatten(1)  # pool3: N×2048
 
 
 def load_inception(weights=None, device=None):
-    """The FID Inception network in eval mode, from `weights`, $FID_INCEPTION_WEIGHTS or the URL."""
-    device = pick_device(device)
-    source = weights or os.environ.get(WEIGHTS_ENV)
-    if source:
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise FIDError(f"the Inception weights file {path} does not exist.")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise FIDError(f"cannot read Inception weights from {path} "
-                           f"({_first_line(e)}).") from None
-    else:
-        source = FID_WEIGHTS_URL
-        try:
-            with contextlib.redirect_stderr(sys.stdout):  # torch.hub's "Downloading ..." is news, not an error
-                state = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu",
-                                                           progress=True, weights_only=True)
-        except Exception as e:
-            raise FIDError(f"no Inception weights: could not download {FID_WEIGHTS_URL} "
-                           f"({_first_line(e)}), so pass --inception PATH or set {WEIGHTS_ENV} "
-                           f"to a local copy of that file.") from None
-    if not isinstance(state, dict):
-        raise FIDError(f"{source} does not hold a state dict of the FID Inception network.")
-    # The official file also carries the 1008-way ImageNet logits; pool3 features never use them.
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    """The FID Inception in eval mode, from the file `weights`, else $FID_INCEPTION_WEIGHTS, else pytorch-fid's
+    release file (downloaded once into torch.hub's cache)."""
+    source = weights or os.environ.get("FID_INCEPTION_WEIGHTS")
     model = FIDInceptionV3()
-    expected = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - set(model.state_dict()))
-    if missing or unexpected:
-        raise FIDError(f"{source} is not the FID Inception state dict "
-                       f"({len(missing)} keys missing, {len(unexpected)} unexpected, e.g. "
-                       f"{(missing + unexpected)[0]}).")
     try:
-        model.load_state_dict(state)  # BatchNorm fills in the absent num_batches_tracked itself
-    except RuntimeError as e:
-        raise FIDError(f"{source} has tensors of the wrong shape ({_first_line(e)}).") from None
+        if source:
+            state = torch.load(source, map_location="cpu", weights_only=True)
+        else:
+            state = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", weights_only=True)
+        # pytorch-fid's file also holds the 1008-way ImageNet logits (fc.*), which pool3 never uses.
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
+    except Exception as e:
+        raise FIDError(f"could not load the FID Inception weights from {source or FID_WEIGHTS_URL} "
+                       f"({type(e).__name__}); pass --inception PATH or set FID_INCEPTION_WEIGHTS.") from None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # channels_last: convolutions run faster in this memory layout, with the same features up to float32 rounding.
     return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
 
 
-def _first_line(error):
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
-@contextlib.contextmanager
-def exact_float32():
-    """Turn TF32 off while features are taken, and restore the caller's setting afterwards.
-
-    TF32 rounds float32 matmul/conv inputs to 10 mantissa bits on recent GPUs: fine for training,
-    but it moves the features and so the FID away from the reference implementation.
-    """
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-# ----------------------------------------------------------------------------------------------
-# Preprocessing: everything becomes a batch of uint8 RGB images first
-# ----------------------------------------------------------------------------------------------
-
-def to_uint8(images, value_range=(0, 1)):
-    """Quantise float images to uint8 the way torchvision's `save_image` writes a PNG.
-
-    x is mapped from value_range to [0, 1], clamped, and rounded half up: floor(255·x + 0.5).
-    Grading reads PNG files, so the features must see the same 256 levels the files hold; a
-    uint8 tensor is returned unchanged.
-    """
-    if images.dtype == torch.uint8:
-        return images
-    if not images.is_floating_point():
-        raise FIDError(f"images must be uint8 or floating point, not {images.dtype}.")
-    low, high = value_range
-    x = images if images.dtype in (torch.float32, torch.float64) else images.float()
-    if x.numel():
-        # A wrong range clamps away half the image and gives a plausible-looking, wrong FID.
-        seen_low, seen_high = (v.item() for v in torch.aminmax(x))
-        span = high - low
-        if seen_low < low - span / 4 or seen_high > high + span / 4:
-            raise FIDError(f"images hold values in [{seen_low:.3g}, {seen_high:.3g}], far outside "
-                           f"value_range={tuple(value_range)}; pass the range they were made in, "
-                           f"e.g. value_range=(-1, 1), or uint8 images.")
-    x = ((x - low) / (high - low)).clamp(0, 1)
-    return (x * 255 + 0.5).floor().to(torch.uint8)
-
-
-def as_nchw(images):
-    """N×C×H×W with C = 1 or 3; an N×H×W tensor (e.g. MNIST's `.data`) is one channel."""
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images)
-    if images.ndim == 3:
-        images = images.unsqueeze(1)
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise FIDError(f"images must be N×C×H×W with 1 or 3 channels, got shape "
-                       f"{tuple(images.shape)}.")
-    return images
-
-
-def list_images(folder):
-    """All .png/.jpg/.jpeg files under `folder` (any case, recursively), sorted by path."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise FIDError(f"{folder} does not exist.")
-    if not folder.is_dir():
-        raise FIDError(f"{folder} is not a folder.")
-    files = sorted(p for p in folder.rglob("*")
-                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+def image_files(folder):
+    """The .png/.jpg/.jpeg files under `folder` and its subfolders, sorted by path."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not files:
-        raise FIDError(f"{folder} holds no .png, .jpg or .jpeg images.")
+        raise FIDError(f"{folder} is not a folder of .png, .jpg or .jpeg images.")
     return files
 
 
-def to_rgb8(img):
-    """Any PIL image as 8-bit RGB. PIL's own convert("RGB") clips 16- and 32-bit grey at 255, so a 16-bit PNG
-    would come out almost white: those are scaled to 8 bits first. Palette, RGBA, CMYK, LA, 1-bit: convert."""
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0  # 16-bit data, or 8-bit in a wide mode
-        img = Image.fromarray(np.clip(np.round(a / top * 255), 0, 255).astype(np.uint8), "L")
-    return img.convert("RGB")
+def uint8_batches(source, batch_size):
+    """N×C×H×W uint8 batches of a tensor, or of the images in a folder (or in a list of image files)."""
+    if isinstance(source, torch.Tensor):
+        if source.dtype != torch.uint8 or source.ndim != 4 or source.shape[1] not in (1, 3):
+            raise FIDError(f"images must be a uint8 N×C×H×W tensor with C = 1 or 3, not {source.dtype} "
+                           f"{tuple(source.shape)}; quantise as a PNG does: (255 * x + 0.5).clamp(0, 255).byte().")
+        yield from source.split(batch_size)
+        return
+    files = image_files(source) if isinstance(source, (str, os.PathLike)) else source
+    for i in range(0, len(files), batch_size):
+        images = []
+        for path in files[i:i + batch_size]:
+            try:  # as pytorch-fid reads a file: PIL's convert("RGB") replicates grey
+                with Image.open(path) as image:
+                    images.append(torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1))
+            except (OSError, ValueError):
+                raise FIDError(f"cannot read the image {path}.") from None
+        if any(image.shape != images[0].shape for image in images):
+            raise FIDError(f"the images from {files[i]} on differ in size; give images of one size.")
+        yield torch.stack(images)
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Decodes one file to a 3×H×W uint8 tensor, as PIL's convert("RGB") + ToTensor (before its /255)
-    do for 8-bit images (16-bit ones are scaled to 8 bits first, see `to_rgb8`; pytorch-fid would clip
-    them to almost white). With check_only, decodes the file and returns no pixels: the check of every
-    file before the first batch goes through the network.
-
-    A file that fails to decode is returned as an error message rather than raised, because an
-    exception inside a DataLoader worker reaches the main process wrapped in a long traceback.
-    """
-
-    def __init__(self, files, check_only=False):
-        self.files, self.check_only = files, check_only
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        try:
-            with Image.open(self.files[i]) as image:
-                pixels = np.array(to_rgb8(image))
-        except Exception as e:
-            return None, f"cannot read image {self.files[i]} ({_first_line(e)})."
-        return (None if self.check_only else torch.from_numpy(pixels).permute(2, 0, 1)), None
-
-
-def check_image_files(files, num_workers=0):
-    """Decode every file once, before any of them goes through Inception: a broken file late in a
-    folder of 10,000 is reported now, not after half an hour of features."""
-    loader = torch.utils.data.DataLoader(ImageFiles(files, check_only=True), batch_size=64,
-                                         num_workers=num_workers, collate_fn=_keep_list)
-    for items in loader:
-        for _, error in items:
-            if error:
-                raise FIDError(error)
-
-
-def _keep_list(items):
-    return items  # images may differ in size, so they cannot always be stacked in the worker
-
-
-def _stack_runs(images):
-    """Stack consecutive images of equal size; a folder of mixed sizes becomes several batches."""
-    start = 0
-    for end in range(1, len(images) + 1):
-        if end == len(images) or images[end].shape != images[start].shape:
-            yield torch.stack(images[start:end])
-            start = end
-
-
-def uint8_batches(source, batch_size, num_workers=0, value_range=(0, 1), limit=None, pin=False):
-    """(iterator of uint8 N×C×H×W batches, number of images or None) for any kind of source."""
-    if isinstance(source, (str, os.PathLike)):
-        files = list_images(source)[:limit]
-        check_image_files(files, num_workers)
-        loader = torch.utils.data.DataLoader(ImageFiles(files), batch_size=batch_size,
-                                             num_workers=num_workers, collate_fn=_keep_list,
-                                             pin_memory=pin)
-
-        def from_files():
-            for items in loader:
-                for _, error in items:
-                    if error:
-                        raise FIDError(error)
-                yield from _stack_runs([image for image, _ in items])
-        return from_files(), len(files)
-
-    if isinstance(source, (torch.Tensor, np.ndarray)):
-        images = as_nchw(source)[:limit]
-        return (to_uint8(images[i:i + batch_size], value_range)
-                for i in range(0, len(images), batch_size)), len(images)
-
-    def from_iterator():
-        seen = 0
-        for batch in source:
-            if isinstance(batch, (tuple, list)):  # (images, labels) from a DataLoader
-                batch = batch[0]
-            batch = to_uint8(as_nchw(batch), value_range)
-            if limit is not None:
-                batch = batch[:limit - seen]
-            if len(batch):
-                yield batch
-            seen += len(batch)
-            if limit is not None and seen >= limit:
-                return
-    return from_iterator(), limit
-
-
-# ----------------------------------------------------------------------------------------------
-# Statistics: features → (μ, Σ)
-# ----------------------------------------------------------------------------------------------
-
-class Progress:
-    """One line on stderr every few seconds: images done / total and images per second."""
-
-    def __init__(self, total, enabled):
-        self.total, self.enabled = total, enabled
-        self.done, self.start = 0, time.time()
-        self.last_print = self.start
-
-    def update(self, n):
-        self.done += n
-        now = time.time()
-        if self.enabled and now - self.last_print >= PROGRESS_EVERY_S:
-            self.last_print = now
-            of_total = f"/{self.total}" if self.total else ""
-            rate = self.done / (now - self.start)
-            print(f"fid: {self.done}{of_total} images, {rate:.1f} images/s",
-                  file=sys.stderr, flush=True)
-
-
-def compute_features(source, model=None, batch_size=None, device=None, num_workers=None,
-                     progress=True, value_range=(0, 1), limit=None, weights=None):
-    """N×2048 float32 pool3 features of a folder, an image tensor or an iterator of batches.
-
-    Tensors may be uint8 (taken as they are) or float in `value_range`, e.g. (0, 1) or (-1, 1),
-    which are quantised to uint8 first (see `to_uint8`).
-    """
-    if device is None and model is not None:
-        device = next(model.parameters()).device
-    device = pick_device(device)
-    on_gpu = device.type == "cuda"
-    batch_size = batch_size or BATCH_SIZE.get(device.type, BATCH_SIZE["cpu"])
-    if num_workers is None:
-        # On a CPU the network, not PNG decoding, is the bottleneck; workers would only compete.
-        num_workers = min(8, os.cpu_count() or 1) if on_gpu else 0
-    if batch_size < 1 or num_workers < 0 or (limit is not None and limit < 1):
-        raise FIDError("batch size and limit must be at least 1, and num_workers at least 0.")
-    batches, total = uint8_batches(source, batch_size, num_workers, value_range, limit, on_gpu)
+def compute_features(source, model=None, batch_size=50, device=None):
+    """N×2048 float32 pool3 features of a uint8 N×C×H×W tensor (C = 1 or 3) or of a folder of images.
+    Without a model, the network is loaded (see `load_inception`) onto `device`."""
     if model is None:
-        model = load_inception(weights, device)
-    meter = Progress(total, progress)
+        model = load_inception(device=device)
+    device = next(model.parameters()).device
+    # TF32, on by default for convolutions on recent NVIDIA GPUs, rounds float32 inputs to 10 bits of mantissa:
+    # fine for training, but it moves the features away from the float32 ones every FID implementation uses.
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     features = []
-    with torch.inference_mode(), exact_float32():
-        for batch in batches:
-            # Same arithmetic as ToTensor: float32 then divide by 255.
-            x = batch.to(device, non_blocking=True).float() / 255
-            features.append(model(x).float().cpu().numpy())
-            meter.update(len(x))
-    if not features:
-        raise FIDError("there were no images to compute features from.")
+    try:
+        with torch.inference_mode():
+            for batch in uint8_batches(source, batch_size):
+                features.append(model(batch.to(device)).cpu().numpy())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
     return np.concatenate(features)
 
 
-def statistics_from_features(features):
-    """(μ, Σ) in float64, the mean and the unbiased covariance (divided by N − 1)."""
-    features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2 or len(features) < 2:
-        raise FIDError(f"need at least 2 images to estimate a covariance, got {len(features)}.")
-    return np.mean(features, axis=0), np.cov(features, rowvar=False)
-
-
-def compute_statistics(source, model=None, batch_size=None, device=None, num_workers=None,
-                       progress=True, value_range=(0, 1), limit=None, weights=None):
-    """(μ, Σ) float64 of the pool3 features of `source`; arguments as in `compute_features`."""
-    features = compute_features(source, model, batch_size, device, num_workers, progress,
-                                value_range, limit, weights)
-    return statistics_from_features(features)
+def compute_statistics(source, model=None, batch_size=50, device=None):
+    """(μ, Σ) in float64 of the pool3 features of `source` (as in `compute_features`). Σ from N images has rank
+    at most N − 1, so for N ≤ 2048 it is singular and sqrtm may fail, and FID is biased upward for small N:
+    compare FIDs at the same N only, and grade with 10,000 images or more."""
+    features = compute_features(source, model, batch_size, device).astype(np.float64)
+    if len(features) < 2:
+        raise FIDError(f"a covariance needs at least 2 images, got {len(features)}.")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
 def save_statistics(path, mu, sigma):
-    """Write an .npz with `mu` and `sigma`, the format pytorch-fid and pytorch_gan_metrics read."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f:  # a file object stops np.savez from appending ".npz"
+    """Write an .npz with `mu` and `sigma`, the file pytorch-fid and pytorch_gan_metrics read."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:  # a file object stops np.savez from adding ".npz" to the name
         np.savez(f, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64))
-    os.replace(partial, path)  # an interrupted run never leaves half a file under the real name
 
 
-def load_statistics(path, dim=None):
-    """(μ, Σ) as float64 from an .npz holding `mu` and `sigma`, checked to be a mean and a covariance
-    (finite, Σ symmetric and positive semi-definite; of dimension `dim` if given)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FIDError(f"the statistics file {path} does not exist.")
+def load_statistics(path):
+    """(μ, Σ) in float64 from an .npz with `mu` (2048) and `sigma` (2048×2048)."""
     try:
-        data = np.load(path)
-        if not isinstance(data, np.lib.npyio.NpzFile):  # a plain array: an .npy file, not an archive
-            raise FIDError(f"{path} is not an .npz archive with mu and sigma.")
-        with data:
-            missing = [key for key in ("mu", "sigma") if key not in data.files]
-            if missing:
-                raise FIDError(f"{path} has no {' and no '.join(missing)} array; a statistics file "
-                               f"holds both mu and sigma.")
+        with np.load(path) as data:
             mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-    except FIDError:
-        raise
-    except Exception as e:  # not a zip, object arrays (allow_pickle is off), strings that are not numbers
-        raise FIDError(f"cannot read the statistics file {path} ({_first_line(e)}).") from None
-    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise FIDError(f"{path} holds mu of shape {mu.shape} and sigma of shape {sigma.shape}; "
-                       f"expected (d,) and (d, d).")
-    if dim is not None and len(mu) != dim:
-        raise FIDError(f"{path} holds {len(mu)}-dimensional statistics, but Inception features have "
-                       f"{dim} dimensions.")
-    check_covariance(mu, sigma, path)
+    except KeyError:
+        raise FIDError(f"{path} has no mu or no sigma array; a statistics file holds both.") from None
+    except Exception as e:
+        raise FIDError(f"cannot read the statistics file {path} ({type(e).__name__}).") from None
+    if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
+        raise FIDError(f"{path} holds mu of shape {mu.shape} and sigma of shape {sigma.shape}, not Inception's "
+                       f"({FEATURE_DIM},) and ({FEATURE_DIM}, {FEATURE_DIM}).")
     return mu, sigma
 
 
-def check_covariance(mu, sigma, path):
-    """Refuse statistics that cannot be a mean and a covariance: they would give a negative or NaN FID."""
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise FIDError(f"{path} holds values that are not finite numbers (inf or nan).")
-    scale = max(float(np.abs(sigma).max()), 1e-300)
-    if not np.allclose(sigma, sigma.T, rtol=1e-6, atol=1e-9 * scale):
-        raise FIDError(f"{path}: sigma is not symmetric, so it is not a covariance matrix.")
-    smallest = float(np.linalg.eigvalsh(sigma)[0])
-    if smallest < -1e-6 * scale:
-        raise FIDError(f"{path}: sigma has a negative eigenvalue ({smallest:.3g}), so it is not a "
-                       f"covariance matrix.")
-
-
-# ----------------------------------------------------------------------------------------------
-# The distance
-# ----------------------------------------------------------------------------------------------
-
-def _sqrtm(matrix):
-    # SciPy ≥ 1.16 deprecates `disp` and will stop returning (sqrt, error) pairs, so call it
-    # without and accept either form. Failures are handled by the caller, so silence SciPy's own.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            result = scipy.linalg.sqrtm(matrix)
-        except (np.linalg.LinAlgError, ValueError):
-            return np.full_like(matrix, np.nan)
-    return result[0] if isinstance(result, tuple) else result
-
-
-def trace_sqrt_product(sigma1, sigma2):
-    """Tr((Σ₁Σ₂)^{1/2}) from eigenvalues, stable when the covariances are singular.
-
-    With R = Σ₁^{1/2} (symmetric), Σ₁Σ₂ = R(RΣ₂) is similar to RΣ₂R, which is symmetric positive
-    semi-definite; so Σ₁Σ₂ has real eigenvalues λᵢ ≥ 0 and Tr((Σ₁Σ₂)^{1/2}) = Σᵢ √λᵢ. Rounding
-    makes some tiny λᵢ negative; they are clipped to 0.
-    """
-    w, v = np.linalg.eigh(sigma1)
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    middle = root1 @ sigma2 @ root1
-    eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
-    return float(np.sqrt(np.clip(eigenvalues, 0, None)).sum())
-
-
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^{1/2}), step for step as pytorch-fid computes it.
-
-    Where pytorch-fid raises (a matrix square root with a clearly complex diagonal, which happens
-    when Σ is singular because there were fewer samples than dimensions), this warns and takes the
-    trace from `trace_sqrt_product` instead: the same quantity, computed stably.
-    """
-    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
-    sigma1 = np.atleast_2d(sigma1).astype(np.float64)
-    sigma2 = np.atleast_2d(sigma2).astype(np.float64)
-    d = len(mu1)
-    if mu1.shape != mu2.shape or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise FIDError(f"the two statistics have different dimensions (mu {mu1.shape} vs "
-                       f"{mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}).")
-    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
-        raise FIDError("the statistics hold values that are not finite numbers (inf or nan).")
+    """‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^{1/2}), step for step as pytorch-fid computes it."""
+    mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise FIDError(f"the two statistics have different dimensions ({mu1.shape} and {mu2.shape}).")
     diff = mu1 - mu2
-
-    covmean = _sqrtm(sigma1 @ sigma2)
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
-        warnings.warn(f"sqrtm(Σ₁Σ₂) is not finite (singular product); adding {eps} to the "
-                      f"diagonal of both covariances, as pytorch-fid does.", FIDWarning)
-        offset = np.eye(d) * eps
-        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
-
-    trusted = np.isfinite(covmean).all()
-    if trusted and np.iscomplexobj(covmean):
-        # Rounding leaves small imaginary parts on a real answer; a large one means sqrtm failed.
-        trusted = np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3)
+        # A singular product may have no finite square root; a small ridge on both covariances gives one.
+        print(f"fid: singular product of covariances; adding {eps} to their diagonals", file=sys.stderr)
+        offset = np.eye(len(sigma1)) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    # The exact root is real; rounding leaves small imaginary parts, and a large one means sqrtm failed.
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise FIDError(f"sqrtm(Σ₁Σ₂) has an imaginary part of {np.abs(covmean.imag).max():.3g}; use more images.")
         covmean = covmean.real
-    if trusted:
-        tr_covmean = np.trace(covmean)
-    else:
-        warnings.warn("the covariance is singular (fewer samples than dimensions?), so FID is "
-                      "biased; Tr((Σ₁Σ₂)^½) was computed from eigenvalues instead of sqrtm.",
-                      FIDWarning)
-        tr_covmean = trace_sqrt_product(sigma1, sigma2)
-    value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
-    # From two covariances the distance is >= 0; rounding can take an FID of ~0 a hair below it.
-    if not np.isfinite(value) or value < -1e-6 * max(1.0, np.trace(sigma1) + np.trace(sigma2)):
-        raise FIDError(f"the Fréchet distance came out as {value}: the statistics are not valid means "
-                       f"and covariances.")
-    return max(value, 0.0)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def fid_from_paths(a, b, model=None, batch_size=None, device=None, num_workers=None,
-                   progress=True, limit=None, weights=None, report=None):
-    """FID between two inputs, each a folder of images or an .npz statistics file.
-
-    `report`, if given, is called with one line per input saying what it was (the CLI prints them).
-    """
-    inputs = [_open_input(path, limit) for path in (a, b)]  # fail on bad input before any work
-    has_images = any(kind == "images" for kind, _, _ in inputs)
-    for kind, content, path in inputs:
-        if kind == "stats" and has_images and len(content[0]) != FEATURE_DIM:
-            raise FIDError(f"{path} holds {len(content[0])}-dimensional statistics, but images "
-                           f"give {FEATURE_DIM}-dimensional Inception features.")
-    say = report or (lambda line: None)
-    stats, image_counts = [], []
-    for name, (kind, content, path) in zip("AB", inputs):
-        if kind == "stats":
-            say(f"{name}: statistics file {path}")
-            stats.append(content)
-            continue
-        say(f"{name}: {len(content)} images in {path}")
-        if model is None:
-            model = load_inception(weights, device)
-        stats.append(compute_statistics(path, model, batch_size, device, num_workers, progress,
-                                        limit=limit))
-        image_counts.append(len(content))
-    with warnings.catch_warnings():
-        if image_counts and min(image_counts) <= FEATURE_DIM:
-            warnings.warn(f"FID from {min(image_counts)} images is biased upward and its "
-                          f"{FEATURE_DIM}×{FEATURE_DIM} covariance is singular; grade with "
-                          f"10,000 or more.", FIDWarning)
-            warnings.simplefilter("ignore", FIDWarning)  # said once is enough
-        return frechet_distance(*stats[0], *stats[1])
+class FIDArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # a bad flag: one sentence and exit status 2, like every other bad input
+        raise FIDError(f"{message} (see --help)")
 
 
-def _open_input(path, limit):
-    path = Path(path)
-    if path.suffix.lower() == ".npz" and not path.is_dir():
-        return "stats", load_statistics(path), path
-    if path.is_file():
-        raise FIDError(f"{path} is neither a folder of images nor an .npz statistics file.")
-    return "images", list_images(path)[:limit], path
-
-
-def check_writable(path):
-    """The statistics file can be written there: tried now, before the features take minutes or hours."""
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / (path.name + ".probe"), "wb"):
-            pass
-        os.remove(folder / (path.name + ".probe"))
-    except OSError as e:
-        raise FIDError(f"cannot write {path} ({e.strerror or e}).") from None
-    if path.is_dir():
-        raise FIDError(f"{path} is a folder, not a file name.")
-
-
-def mnist_train_digits(data_dir):
-    """The 60,000 MNIST training digits as a uint8 N×3×28×28 tensor (gray replicated to RGB)."""
-    import torchvision  # here, not at the top: importing it takes seconds, and only MNIST needs it
-    try:
-        digits = torchvision.datasets.MNIST(data_dir, train=True, download=True).data
-    except Exception as e:
-        raise FIDError(f"could not get MNIST into {data_dir} ({_first_line(e)}); download the four "
-                       f"MNIST IDX files into {Path(data_dir) / 'MNIST' / 'raw'} on a machine with "
-                       f"internet and point --data-dir at {data_dir}.") from None
-    return digits.unsqueeze(1).expand(-1, 3, -1, -1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
-
-def _print_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+def build_parser():
+    p = FIDArgumentParser(description="FID between two image folders or .npz statistics files (pytorch-fid's).")
+    p.add_argument("paths", nargs="*", metavar="A B", help="two folders of .png/.jpg/.jpeg images or .npz files")
+    p.add_argument("--save-stats", nargs=2, metavar=("FOLDER", "OUT.npz"), help="write FOLDER's statistics")
+    p.add_argument("--mnist-stats", metavar="OUT.npz", help="write the statistics of the 60,000 MNIST train digits")
+    p.add_argument("--data-dir", default="./data", help="where torchvision finds or downloads MNIST")
+    p.add_argument("--inception", metavar="PATH", help="weights file (default: $FID_INCEPTION_WEIGHTS, else download)")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
+    p.add_argument("--batch-size", type=int, default=50, help="images per forward pass")
+    p.add_argument("--limit", type=int, metavar="N", help="use only the first N images of each input")
+    return p
 
 
 def run(args):
-    if (args.batch_size is not None and args.batch_size < 1) or \
-            (args.num_workers is not None and args.num_workers < 0) or \
-            (args.limit is not None and args.limit < 1):
-        raise FIDError("--batch-size and --limit must be at least 1, --num-workers at least 0.")
-    device = pick_device(args.device)
-    common = dict(batch_size=args.batch_size, device=device, num_workers=args.num_workers)
-
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise FIDError("--batch-size and --limit must be at least 1.")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise FIDError("--device cuda was asked for, but this machine has no CUDA GPU.")
     if args.save_stats or args.mnist_stats:
         if args.paths or (args.save_stats and args.mnist_stats):
-            raise FIDError("use either A B, --save-stats FOLDER OUT.npz or --mnist-stats OUT.npz.")
-        out = Path(args.mnist_stats or args.save_stats[1])
-        if out.suffix.lower() != ".npz":
-            raise FIDError(f"the output file {out} must end in .npz.")
-        check_writable(out)
-        if args.mnist_stats:
-            source = mnist_train_digits(args.data_dir)[:args.limit]
-            what = f"{len(source)} MNIST training digits from {args.data_dir}"
+            raise FIDError("give one of A B, --save-stats FOLDER OUT.npz and --mnist-stats OUT.npz.")
+        if args.save_stats:
+            out, source = args.save_stats[1], image_files(args.save_stats[0])[:args.limit]
         else:
-            source = args.save_stats[0]
-            what = f"{len(list_images(source)[:args.limit])} images in {source}"
-        mu, sigma = compute_statistics(source, load_inception(args.inception, device),
-                                       limit=args.limit, **common)
-        save_statistics(out, mu, sigma)
-        print(f"statistics of {what} written to {out}")
+            try:
+                digits = torchvision.datasets.MNIST(args.data_dir, train=True, download=True).data
+            except Exception as e:
+                raise FIDError(f"could not find or download MNIST in {args.data_dir} ({type(e).__name__}).") from None
+            out, source = args.mnist_stats, digits[:args.limit].unsqueeze(1)
+        save_statistics(out, *compute_statistics(source, load_inception(args.inception, args.device), args.batch_size))
+        print(f"statistics of {len(source)} images written to {out}")
         return
-
     if len(args.paths) != 2:
-        raise FIDError(f"expected two inputs A B (folders or .npz files), got {len(args.paths)}; "
-                       f"see --help.")
-    value = fid_from_paths(*args.paths, limit=args.limit, weights=args.inception, report=print,
-                           **common)
-    print(f"FID: {value:.4f}")
+        raise FIDError(f"expected two inputs A B (folders or .npz files), got {len(args.paths)}.")
+    # Both inputs are checked (statistics read, folders listed) before the network runs.
+    inputs = [load_statistics(p) if p.lower().endswith(".npz") else image_files(p)[:args.limit] for p in args.paths]
+    model = None if all(isinstance(x, tuple) for x in inputs) else load_inception(args.inception, args.device)
+    stats = [x if isinstance(x, tuple) else compute_statistics(x, model, args.batch_size) for x in inputs]
+    names = [f"{p} (statistics file)" if isinstance(x, tuple) else f"{p} (N = {len(x)} images)"
+             for p, x in zip(args.paths, inputs)]
+    print(f"FID: {frechet_distance(*stats[0], *stats[1]):.4f} between {names[0]} and {names[1]}")
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    warnings.showwarning = _print_warning  # one line each, no source excerpt
     try:
-        run(args)
+        run(build_parser().parse_args(argv))
     except FIDError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("error: interrupted.")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

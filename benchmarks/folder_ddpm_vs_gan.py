@@ -26,9 +26,9 @@ INCEPTION = SHARED / "weights" / "pt_inception-2015-12-05-nofc.pth"
 DDPM = ["--dataset", "folder", "--image-size", "64", "--ch", "16", "--ch-mult", "1", "2", "2", "2", "--num-res-blocks",
         "1", "--attn-res", "8", "--dropout", "0", "--batch-size", "32", "--lr", "2e-3", "--lr-decay", "cosine",
         "--warmup", "200", "--ema-decay", "0.999", "--sampler", "ddim", "--steps", "20", "--eta", "0",
-        "--sample-batch-size", "250", "--no-flip"]
+        "--sample-batch-size", "250"]
 GAN = ["--dataset", "folder", "--image-size", "64", "--ch", "16", "--batch-size", "32", "--ema-decay", "0.999",
-       "--sample-batch-size", "250", "--no-flip"]
+       "--sample-batch-size", "250"]
 
 
 def build_parser():
@@ -79,9 +79,9 @@ def summarise(args):
         path = out / name / "metrics.json"
         if path.is_file():
             m = json.loads(path.read_text())
-            rows[name] = {k: m.get(k) for k in ("hardware", "train_seconds", "steps", "d_steps", "fid",
-                                                 "fid_num_samples", "fid_reference", "samples_per_second",
-                                                 "sampler", "sampling_steps")}
+            rows[name] = {k: m.get(k) for k in ("device", "train_seconds", "steps", "fid", "fid_num_samples",
+                                                 "fid_reference", "sampler", "sampling_steps")}
+            rows[name]["samples_per_second"] = round(m["num_samples"] / max(m["sample_seconds"], 1e-9), 2)
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     print(json.dumps(rows, indent=2))
 

@@ -1,7 +1,7 @@
-"""cfg_afhq.py: label dropout, the guidance formula and its doubled batch, then whole tiny runs (CPU)."""
+"""cfg_afhq.py: label dropout, the guidance formula and its doubled batch, then tiny whole runs (CPU)."""
 import json
 import math
-import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -9,13 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-sys.path.insert(0, str(ROOT))
-import cfg_afhq as cfg  # noqa: E402
-import cond_iclevr  # noqa: E402 (the script: benchmarks/ has one of the same name)
-import ddpm_mnist  # noqa: E402
+import cfg_afhq as cfg
+import plumbing
 
+SHARED = Path(__file__).resolve().parents[2] / "shared"
 CLASSES = ["cat", "dog", "wild"]
 MODEL = ["--image-size", "16", "--ch", "8", "--ch-mult", "1", "2", "--num-res-blocks", "1", "--timesteps", "20",
          "--batch-size", "8", "--warmup", "1", "--device", "cpu"]
@@ -23,8 +20,8 @@ MODEL = ["--image-size", "16", "--ch", "8", "--ch-mult", "1", "2", "--num-res-bl
 
 @pytest.fixture(scope="module")
 def afhq_like(tmp_path_factory):
-    """AFHQ's layout in miniature: train/{cat,dog,wild} with 6 images each, val/ with 3; class k is bright in
-    colour channel k, so a colour classifier tells the classes apart."""
+    """AFHQ's layout in miniature: train/{cat,dog,wild} with 6 images each, val/ with 3; class k is bright in colour
+    channel k."""
     root = tmp_path_factory.mktemp("data") / "afhq"
     rng = np.random.default_rng(0)
     for split, n in (("train", 6), ("val", 3)):
@@ -41,14 +38,14 @@ def tiny_model(num_classes=3, seed=0):
     """A tiny class-conditional UNet with every weight random (the zero-initialised output layer would make every
     prediction 0 and every comparison below trivially true)."""
     torch.manual_seed(seed)
-    unet = cfg.UNet(3, 8, [1, 2], 1, [], 0.0)
-    model = cfg.ClassConditionalUNet(unet, num_classes)
+    model = cfg.ClassConditionalUNet(cfg.UNet(3, 8, [1, 2], 1, [], 0.0), num_classes)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
     return model.eval()
 
 
+# --- the method -------------------------------------------------------------------------------------------------
 def test_label_dropout_replaces_about_a_tenth_with_the_null_label():
     torch.manual_seed(0)
     n, p = 200_000, 0.1
@@ -56,8 +53,7 @@ def test_label_dropout_replaces_about_a_tenth_with_the_null_label():
     dropped = cfg.drop_labels(labels, p)
     is_null = dropped == cfg.NULL_LABEL
     # Binomial(n, p): the rate lies within 5 standard deviations of p (fails by chance about once in 3.5 million).
-    sd = math.sqrt(p * (1 - p) / n)
-    assert abs(is_null.float().mean().item() - p) < 5 * sd
+    assert abs(is_null.float().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)
     for k in (1, 2, 3):  # independently of the class
         in_class = labels == k
         assert abs(is_null[in_class].float().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / in_class.sum().item())
@@ -95,110 +91,90 @@ def test_balanced_labels():
     labels = cfg.balanced_labels(500, 3)
     assert torch.bincount(labels).tolist() == [0, 167, 167, 166]
     assert torch.equal(labels, labels.sort().values)  # grouped by class
+    assert torch.bincount(cfg.balanced_labels(10, 10)).tolist() == [0] + [1] * 10
 
 
-@pytest.mark.parametrize("argv, iters, epochs", [
-    ([], 100000, 400),                               # the course preset stops after its 100,000 steps
-    (["--epochs", "3"], None, 3),                    # an explicit --epochs is the stopping rule now
-    (["--epoch=3"], None, 3),                        # abbreviated and with "=", as argparse allows
-    (["--epochs", "3", "--iters", "7"], 7, 3),       # both given: --iters still overrides, as its help says
-    (["--iters", "7"], 7, 400),
-])
-def test_an_explicit_epochs_sets_aside_a_presets_iters(argv, iters, epochs):
-    args = cfg.parse_with_preset(cfg.build_parser(), ["--preset", "course"] + argv)
-    assert (args.iters, args.epochs) == (iters, epochs)
+def test_the_same_noise_at_every_scale():
+    """Sample i starts from the same noise at every scale: with guidance that changes nothing (a class embedding the
+    same for every label), every scale gives the same images, up to one grey level of float32 rounding."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.class_emb.weight.copy_(model.class_emb.weight[:1].expand_as(model.class_emb.weight))
+    args = cfg.build_parser().parse_args(["--image-size", "8", "--sample-batch-size", "2", "--seed", "3"])
+    sched = cfg.NoiseSchedule(cfg.make_betas("linear", 20))
+    labels = cfg.balanced_labels(5, 3)
+    images = [cfg.sample_at_scale(model, sched, labels, w, list(range(20)), args, torch.device("cpu")) for w in (0, 4)]
+    assert images[0].shape == (5, 3, 8, 8)
+    assert (images[0].int() - images[1].int()).abs().max() <= 1 and images[0].float().std() > 20
 
 
-@pytest.mark.parametrize("module", [ddpm_mnist, cfg, cond_iclevr], ids=lambda m: m.__name__)  # ddim.py: no DDIM preset
-def test_an_explicit_ddpm_sampler_sets_aside_a_presets_ddim_steps(module):
-    """--preset cpu samples with DDIM and a step count; --sampler ddpm takes all T steps, so the preset's count must
-    not reach the check that --steps goes with DDIM (it did: "--steps applies to --sampler ddim")."""
-    parse = lambda argv: module.parse_with_preset(module.build_parser(), ["--preset", "cpu"] + argv)  # noqa: E731
-    assert parse([]).steps is not None and module.PRESETS["cpu"]["sampler"] == "ddim"
-    args = parse(["--sampler", "ddpm"])
-    assert (args.sampler, args.steps) == ("ddpm", None)
-    assert parse(["--sampler", "ddim", "--steps", "7"]).steps == 7
-    assert parse(["--sampler", "ddpm", "--steps", "7"]).steps == 7  # given together: the check says they clash
+def test_an_explicit_epochs_or_ddpm_sampler_sets_aside_a_presets_iters_or_steps():
+    def parse(preset, argv):
+        return plumbing.parse_with_preset(cfg.build_parser(), cfg.PRESETS, ["--preset", preset] + argv)
+    assert (parse("course", []).iters, parse("course", ["--epochs", "3"]).iters) == (100000, None)
+    assert parse("course", ["--epochs", "3", "--iters", "7"]).iters == 7  # both given: --iters wins, as its help says
+    assert (parse("cpu", []).steps, parse("cpu", ["--sampler", "ddpm"]).steps) == (50, None)
 
 
-def export_colour_classifier(path):
-    """The class check for the tiny data: the mean of each colour channel as the logits (red = cat, ...)."""
-    class Colour(torch.nn.Module):
-        def forward(self, x):
-            return x.mean((2, 3))
-    program = torch.export.export(Colour(), (torch.zeros(2, 3, 16, 16),), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    torch.export.save(program, str(path))
-
-
+# --- whole runs ---------------------------------------------------------------------------------------------------
 def test_a_tiny_run_writes_every_output(afhq_like, tmp_path, quick_frechet):
-    out, eval_dir, classifier = tmp_path / "run", tmp_path / "eval_afhq_16px", tmp_path / "colour.pt2"
-    export_colour_classifier(classifier)
-    calls = quick_frechet  # the distance without its matrix square root (conftest.py)
-    cfg.main(["--data-dir", str(afhq_like), "--out", str(out), "--prepare-eval", "--eval-dir", str(eval_dir),
-              "--epochs", "2", "--num-samples", "12", "--cfg-scales", "0", "7.5", "--grid-cols", "3",
-              "--inception", str(SHARED / "weights" / "pt_inception-2015-12-05-nofc.pth"),
-              "--classifier", str(classifier), *MODEL])
-
-    # The eval folder: every validation image at 16 x 16, and its statistics, computed once.
-    evals = sorted(eval_dir.rglob("*.png"))
-    assert len(evals) == 9 and {p.parent.name for p in evals} == set(CLASSES)
-    assert all(Image.open(p).size == (16, 16) and Image.open(p).mode == "RGB" for p in evals)
-    assert Path(str(eval_dir) + "_fid_stats.npz").is_file()
-
-    for name in ["ckpt.pt", "loss.csv", "loss.png", "metrics.json", "grid_w0.png", "grid_w7.5.png", "grid_scales.png"]:
+    out = tmp_path / "runs" / "cfg"
+    cfg.main(["--data-dir", str(afhq_like), "--out", str(out), "--prepare-eval", "--epochs", "2", "--num-samples", "12",
+              "--cfg-scales", "0", "7.5", "--handin-images", "6",
+              "--inception", str(SHARED / "weights" / "pt_inception-2015-12-05-nofc.pth"), *MODEL])
+    for name in ["ckpt.pt", "loss.csv", "loss.png", "progress/epoch_001.png", "progress/epoch_002.png",
+                 "grid_w0.png", "grid_w7.5.png", "grid_scales.png"]:
         assert (out / name).is_file(), name
+    assert len((out / "loss.csv").read_text().splitlines()) == 1 + 4  # a header and a row per step
     for w in ("0", "7.5"):
         for name in CLASSES:
             files = sorted((out / f"samples_w{w}" / name).glob("*.png"))
             assert [f.name for f in files] == ["00001.png", "00002.png", "00003.png", "00004.png"]
             assert Image.open(files[0]).size == (16, 16) and Image.open(files[0]).mode == "RGB"
-    # The grids: one row per class (3 rows of 16 px images enlarged 4x), the side-by-side one wider than one scale.
-    one, both = Image.open(out / "grid_w0.png"), Image.open(out / "grid_scales.png")
-    assert one.height == both.height > 3 * 16 * 4 and both.width > 1.8 * (one.width - 40)
-
+        with zipfile.ZipFile(out / f"handin_w{w}.zip") as zf:
+            assert zf.namelist() == [f"{i:05d}.png" for i in range(1, 7)]  # flat: what graders unpack
+    # The hand-in set takes the classes in turn: cat, dog, wild, cat, ...
+    handin = [np.asarray(Image.open(out / "handin_w0" / f"{i:05d}.png")) for i in (1, 2, 3, 4)]
+    in_class = [np.asarray(Image.open(out / "samples_w0" / c / f"{i:05d}.png")) for c, i in
+                (("cat", 1), ("dog", 1), ("wild", 1), ("cat", 2))]
+    assert all(np.array_equal(a, b) for a, b in zip(handin, in_class))
+    # The grids (16 px images enlarged 4 times, 2 px white lines): a row per class of 4, and a row per scale of 8.
+    assert Image.open(out / "grid_w0.png").size == ((4 * 18 + 2) * 4, (3 * 18 + 2) * 4)
+    assert Image.open(out / "grid_scales.png").size == ((8 * 18 + 2) * 4, (2 * 18 + 2) * 4)
+    # FID per scale against the validation images' statistics, computed once beside --out.
+    stats = tmp_path / "runs" / "fid_stats_afhq_val_16px.npz"
+    assert stats.is_file() and len(quick_frechet) == 2
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["classes"] == CLASSES and metrics["num_samples_per_scale"] == 12 and metrics["steps"] == 6
-    assert str(eval_dir) in metrics["fid_reference"] and "9 images" in metrics["fid_reference"]
-    assert len(calls) == 2 and all(shape == (2048,) for c in calls for shape in c[::2])
+    assert {"device", "train_seconds", "steps", "sampler", "sampling_steps", "eta", "num_samples", "sample_seconds",
+            "fid_per_scale", "args"} <= set(metrics)
+    assert metrics["steps"] == 4 and metrics["num_samples"] == 12 and metrics["args"]["classes"] == CLASSES
     for w in ("0", "7.5"):
-        scale = metrics["scales"][w]
-        assert scale["num_samples"] == 12 and math.isfinite(scale["fid"]) and scale["fid"] > 0
-        assert 0 <= scale["class_accuracy"] <= 1 and set(scale["class_accuracy_per_class"]) == set(CLASSES)
+        result = metrics["fid_per_scale"][w]
+        assert result["fid_num_samples"] == 12 and result["fid_reference"] == str(stats) and result["fid"] > 0
 
-    # Resampling from the checkpoint at w = -1 (unconditional), without FID.
+    # Resampling from the checkpoint at w = -1 (the unconditional model), without FID.
     cfg.main(["--out", str(out), "--sample-only", "--no-fid", "--cfg-scales", "-1", "--num-samples", "3",
               "--sampler", "ddim", "--steps", "5", "--device", "cpu"])
     assert len(list((out / "samples_w-1").rglob("*.png"))) == 3
-    assert json.loads((out / "metrics.json").read_text())["scales"]["-1"]["num_samples"] == 3
+    assert json.loads((out / "metrics.json").read_text())["sampling_steps"] == 5
 
 
-def test_the_same_noise_at_every_scale_and_resume_continues_exactly(afhq_like, tmp_path):
+def test_resume_continues_the_same_run(afhq_like, tmp_path):
     common = ["--data-dir", str(afhq_like), "--no-fid", "--num-samples", "0", *MODEL]
-    cfg.main([*common, "--out", str(tmp_path / "straight"), "--epochs", "2"])
-    cfg.main([*common, "--out", str(tmp_path / "resumed"), "--epochs", "1"])
-    cfg.main([*common, "--out", str(tmp_path / "resumed"), "--epochs", "2", "--resume"])
-    straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
-    assert straight["step"] == resumed["step"] == 6
-    for key, value in straight["ema"].items():
-        torch.testing.assert_close(resumed["ema"][key], value, rtol=0, atol=0, msg=key)
-
-    # Sample i starts from the same noise at every scale: with guidance that changes nothing (a model whose class
-    # embedding is the same for every label), every scale gives the same images.
-    model = tiny_model()
-    with torch.no_grad():
-        model.class_emb.weight.copy_(model.class_emb.weight[:1].expand_as(model.class_emb.weight))
-    args = cfg.parse_args(["--data-dir", str(afhq_like), "--sampler", "ddpm", "--seed", "3", *MODEL[:2]])
-    args.image_size, args.sample_batch_size = 8, 2
-    sched = cfg.NoiseSchedule(cfg.make_betas("linear", 20))
-    labels = cfg.balanced_labels(5, 3)
-    images = [cfg.sample_at_scale(model, sched, labels, w, args, list(range(20)), torch.device("cpu")) for w in (0, 4)]
-    # (up to one grey level: the two scales round differently in float32, and other noise would differ wildly)
-    assert (images[0].int() - images[1].int()).abs().max() <= 1 and images[0].float().std() > 20
+    cfg.main([*common, "--out", str(tmp_path / "straight"), "--iters", "5"])
+    cfg.main([*common, "--out", str(tmp_path / "resumed"), "--iters", "3"])  # stops inside the second epoch
+    cfg.main([*common, "--out", str(tmp_path / "resumed"), "--iters", "5", "--resume"])
+    straight, resumed = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True) for run in ("straight", "resumed"))
+    assert straight["step"] == resumed["step"] == 5
+    for part in ("model", "ema"):
+        weights = straight[part]["weights"] if part == "ema" else straight[part]
+        for key, value in weights.items():
+            other = resumed[part]["weights"][key] if part == "ema" else resumed[part][key]
+            assert torch.equal(other, value), f"{part}.{key} differs after resume"
 
 
-@pytest.mark.parametrize("case", ["empty class folder", "unknown class", "no scales"])
-def test_bad_input_stops_with_one_sentence(afhq_like, tmp_path, capsys, case):
+@pytest.mark.parametrize("case, culprit", [("empty class folder", "wild"), ("no label dropout", "--cfg-dropout")])
+def test_bad_input_stops_with_one_sentence(afhq_like, tmp_path, capsys, case, culprit):
     data, extra = afhq_like, []
     if case == "empty class folder":
         data = tmp_path / "data"
@@ -206,30 +182,11 @@ def test_bad_input_stops_with_one_sentence(afhq_like, tmp_path, capsys, case):
             (data / name).mkdir(parents=True)
         Image.new("RGB", (16, 16)).save(data / "cat" / "a.png")
         Image.new("RGB", (16, 16)).save(data / "dog" / "a.png")  # wild stays empty
-    elif case == "unknown class":
-        extra = ["--classes", "cat", "horse"]
     else:
-        extra = ["--cfg-scales"]
+        extra = ["--cfg-dropout", "0", "--cfg-scales", "0", "7.5"]
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
         cfg.main(["--data-dir", str(data), "--out", str(out), "--no-fid", *MODEL, *extra])
-    assert exit_info.value.code not in (0, None)
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    assert {"empty class folder": "wild", "unknown class": "horse", "no scales": "--cfg-scales"}[case] in lines[0]
+    assert exit_info.value.code == 2
+    assert culprit in capsys.readouterr().err
     assert not out.exists()  # nothing written
-
-
-def test_mnist_class_folders_hold_what_the_message_says(tmp_path, capsys):
-    """benchmarks/cfg_mnist_classes.py writes MNIST as class folders; with per_class it writes that many per digit
-    and split, and says how many it wrote (it used to print the split's full size)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import cfg_mnist_classes as bench
-    bench.write_mnist_classes(str(SHARED / "data"), str(tmp_path / "digits"), per_class=2)
-    for split in ("train", "val"):
-        assert sorted(p.name for p in (tmp_path / "digits" / split).iterdir()) == [str(d) for d in range(10)]
-        assert len(list((tmp_path / "digits" / split).glob("*/*.png"))) == 20
-        with Image.open(tmp_path / "digits" / split / "7" / "00002.png") as img:
-            assert img.size == (28, 28) and img.mode == "L"
-    printed = capsys.readouterr().out
-    assert "wrote 20 train digits" in printed and "wrote 20 val digits" in printed

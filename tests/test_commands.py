@@ -11,7 +11,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def commands_in(text):
@@ -61,7 +60,7 @@ COMMANDS = [(where, c) for where, c in sources() if script_and_args(c)[0] and (R
 
 
 def test_the_docstrings_and_the_readme_have_commands():
-    assert len(COMMANDS) > 40
+    assert len(COMMANDS) > 20
     assert any("--preset cpu" in c for _, c in COMMANDS if "ddpm_mnist.py" in c)
 
 
@@ -75,11 +74,11 @@ def test_a_command_parses_with_its_scripts_flags(where, command):
         flags = [a.split("=")[0] for a in args if a.startswith("--")]
         assert shown and all(re.search(rf"{re.escape(f)}\b", shown) for f in flags), (flags, shown)
         return
-    parser = module.build_parser()
-    if hasattr(module, "parse_with_preset"):
-        module.parse_with_preset(parser, args)  # the presets too: --preset cpu must be a preset
+    if script.startswith("benchmarks/"):
+        module.build_parser().parse_args(args)
     else:
-        parser.parse_args(args)
+        import plumbing
+        plumbing.parse_with_preset(module.build_parser(), getattr(module, "PRESETS", {}), args)  # --preset X must exist
 
 
 def test_the_cpu_command_of_ddpm_mnist_is_the_one_the_readme_measured():

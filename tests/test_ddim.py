@@ -1,10 +1,9 @@
 """ddim.py: the swiss roll, the Chamfer distance, the samplers (DDPM = DDIM at eta 1, DDIM determinism and
-inversion, DPM-Solver++ order), a short 2D run and the image mode on a tiny ddpm_mnist.py checkpoint."""
+inversion, DPM-Solver++ order), a short 2D run and its resume, and the image mode on a tiny ddpm_mnist.py checkpoint."""
 import argparse
 import json
 import math
 import os
-import sys
 import zipfile
 from pathlib import Path
 
@@ -14,11 +13,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import ddim  # noqa: E402
+import ddim
+import plumbing
 
-SHARED = ROOT.parent / "shared"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 def sklearn_swiss_roll_with_hole(n, random_state):
@@ -33,9 +31,13 @@ def sklearn_swiss_roll_with_hole(n, random_state):
     return X, t
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# data
-# ---------------------------------------------------------------------------------------------------------------
+def build(args):
+    """The 2D network of a run's flags (a Namespace or a checkpoint's args), as main() builds it."""
+    a = argparse.Namespace(**args) if isinstance(args, dict) else args
+    return ddim.NoiseMLP(2, a.hidden, a.emb_dim, a.fourier, a.residual, a.time, a.skip)
+
+
+# ---- data --------------------------------------------------------------------------------------------------------
 def test_swiss_roll_is_scikit_learns_draw_for_draw():
     X, _ = sklearn_swiss_roll_with_hole(5000, random_state=3)
     ours = ddim.swiss_roll(5000, np.random.RandomState(3))
@@ -51,9 +53,9 @@ def test_swiss_roll_statistics_match_the_construction():
     radius = np.linalg.norm(ours, axis=1)  # |(t cos t, t sin t)| = t
     assert radius.min() >= 1.5 * np.pi - 1e-9 and radius.max() <= 4.5 * np.pi + 1e-9
     # The hole: t in the middle third is drawn 2 times in 8 (scikit-learn's own t says the same).
-    middle = lambda r: np.mean((r > 2.5 * np.pi) & (r < 3.5 * np.pi))
     se = math.sqrt(0.25 * 0.75 / n)
-    assert abs(middle(t) - 0.25) < 5 * se and abs(middle(radius) - 0.25) < 5 * se
+    for r in (t, radius):
+        assert abs(np.mean((r > 2.5 * np.pi) & (r < 3.5 * np.pi)) - 0.25) < 5 * se
     for stat in (np.mean, np.std):
         np.testing.assert_allclose(stat(ours, axis=0), stat(ref, axis=0), atol=0.08)
         np.testing.assert_allclose(stat(ours), stat(ref), atol=0.08)
@@ -66,16 +68,15 @@ def test_swiss_roll_statistics_match_the_construction():
     assert not torch.allclose(pool[:4096], reference)  # independent draws
 
 
-@pytest.mark.parametrize("name", ["moons", "circles", "checkerboard"])
+@pytest.mark.parametrize("name", sorted(set(ddim.DATASETS) - {"swiss_roll"}))
 def test_other_datasets_are_normalised_2d_points(name):
     pool, reference = ddim.make_point_data(name, 50_000, 256, seed=1)
     assert pool.shape == (50_000, 2) and reference.shape == (256, 2)
     assert abs(pool.mean().item()) < 1e-4 and abs(pool.std().item() - 2.0) < 1e-3
+    assert pool[:, 0].std() > 0.5 and pool[:, 1].std() > 0.5  # spread in both coordinates, not a line
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Chamfer distance
-# ---------------------------------------------------------------------------------------------------------------
+# ---- the Chamfer distance ----------------------------------------------------------------------------------------
 def brute_force_chamfer(a, b):
     total = 0.0
     for x in a:
@@ -101,22 +102,21 @@ def test_chamfer_keeps_tiny_distances():
     assert ddim.chamfer_distance(a, b) == pytest.approx(600 * 2e-10, rel=1e-3)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# samplers
-# ---------------------------------------------------------------------------------------------------------------
-def test_course_preset_is_the_courses_timelinear_net_and_the_default_adds_fourier_features_and_skips():
+# ---- the network and the samplers ---------------------------------------------------------------------------------
+def test_course_preset_is_the_courses_timelinear_net_and_the_default_adds_fourier_features():
     args = ddim.parse_args(["--preset", "course"])
     assert (args.hidden, args.iters, args.batch_size, args.lr, args.ema_decay, args.spacing) == ([128] * 3, 5000, 128,
                                                                                                  1e-3, 0.0, "course")
-    course = ddim.build_model(args)
-    assert all(isinstance(l, ddim.TimeLinear) for l in course.layers) and course.skip is not None
-    assert course.layers[0].fc.in_features == 2 * (1 + 2 * 3) and [l.fc.out_features for l in course.layers] == [128] * 3
+    course = build(args)
+    assert all(isinstance(layer, ddim.TimeLinear) for layer in course.layers) and course.skip is not None
+    assert course.layers[0].fc.in_features == 2 * (1 + 2 * 3)
+    assert [layer.fc.out_features for layer in course.layers] == [128] * 3
     layer, x, t = course.layers[1], torch.randn(4, 128), torch.tensor([0, 10, 500, 999])
     # TimeLinear is fc(x) * g(t), g this layer's own MLP of 256 sinusoidal frequencies
     torch.testing.assert_close(layer(x, t), layer.fc(x) * layer.time_mlp(ddim.timestep_embedding(t, 256)))
     assert ddim.parse_args(["--preset", "course", "--iters", "500"]).iters == 500  # a flag still wins
     torch.manual_seed(0)
-    model = ddim.build_model(ddim.parse_args([])).eval()
+    model = build(ddim.parse_args([])).eval()
     seen = {}
     model.layers[0].register_forward_pre_hook(lambda m, inp: seen.update(features=inp[0]))
     model.out.register_forward_pre_hook(lambda m, inp: seen.update(last_hidden=inp[0]))
@@ -162,9 +162,11 @@ def test_ddim_eta0_is_deterministic_and_eta_adds_noise():
     model, sched = random_mlp(), ddim.NoiseSchedule(ddim.make_betas("linear", 1000))
     x_T = torch.randn(128, 2, generator=torch.Generator().manual_seed(1))
     ts = ddim.sampling_timesteps(1000, 20)
-    runs = [ddim.sample(model, sched, x_T, ts, "ddim", 0.0, torch.Generator().manual_seed(s), clip=False) for s in (5, 6)]
+    runs = [ddim.sample(model, sched, x_T, ts, "ddim", 0.0, torch.Generator().manual_seed(s), clip=False)
+            for s in (5, 6)]
     assert torch.equal(runs[0], runs[1])
-    noisy = [ddim.sample(model, sched, x_T, ts, "ddim", 0.5, torch.Generator().manual_seed(s), clip=False) for s in (5, 6)]
+    noisy = [ddim.sample(model, sched, x_T, ts, "ddim", 0.5, torch.Generator().manual_seed(s), clip=False)
+             for s in (5, 6)]
     assert (noisy[0] - noisy[1]).abs().max() > 0.01
     dpm = [ddim.dpm_solver_pp_2m(model, sched, x_T, ts) for _ in range(2)]
     assert torch.equal(dpm[0], dpm[1])
@@ -200,9 +202,11 @@ def test_dpm_solver_is_second_order_and_beats_ddim():
     assert err["dpmpp", "uniform", 10] > err["ddim", "uniform", 10] / 2
     for n in (10, 20, 40, 80):
         assert err["dpmpp", "quadratic", n] < err["ddim", "uniform", n] / 10, n
-    assert ddim.run_sampler(eps_fn, sched, x_T, "dpmpp", 20).equal(ddim.run_sampler(eps_fn, sched, x_T, "dpmpp", 20, spacing="quadratic"))
+    default = ddim.run_sampler(eps_fn, sched, x_T, "dpmpp", 20)
+    assert default.equal(ddim.run_sampler(eps_fn, sched, x_T, "dpmpp", 20, spacing="quadratic"))
     # One step is the DDIM step (both land on the x_0 estimate).
-    torch.testing.assert_close(ddim.run_sampler(eps_fn, sched, x_T, "dpmpp", 1), ddim.run_sampler(eps_fn, sched, x_T, "ddim", 1))
+    torch.testing.assert_close(ddim.run_sampler(eps_fn, sched, x_T, "dpmpp", 1),
+                               ddim.run_sampler(eps_fn, sched, x_T, "ddim", 1))
 
 
 @pytest.mark.parametrize("T", [2, 20, 1000])
@@ -214,59 +218,61 @@ def test_quadratic_timesteps(T):
     assert ddim.quadratic_timesteps(T, T) == list(range(T))
     if T == 1000:  # denser near the data than evenly spaced steps
         assert ddim.quadratic_timesteps(T, 20)[1] < ddim.sampling_timesteps(T, 20)[1] / 4
+        assert ddim.course_timesteps(T, 50) == list(range(0, 1000, 20))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# a short 2D run: training, the table, the plots; and the inversion on its trained model
-# ---------------------------------------------------------------------------------------------------------------
+# ---- a short 2D run: training, the table, the plots; and the inversion on its trained model ------------------------
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddim_2d")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the thresholds below were set on one thread; restored after
-    ddim.main(["--out", str(out), "--device", "cpu", "--iters", "1500", "--hidden", "64", "64", "64", "--emb-dim", "32",
-               "--batch-size", "256", "--lr", "3e-3", "--warmup", "50", "--train-points", "50000",
-               "--num-points", "256", "--sampler", "dpmpp", "--steps", "15", "--seed", "3"])
+    metrics = ddim.main(["--out", str(out), "--device", "cpu", "--iters", "1500", "--hidden", "64", "64", "64",
+                         "--emb-dim", "32", "--batch-size", "256", "--lr", "3e-3", "--warmup", "50",
+                         "--train-points", "50000", "--num-points", "256", "--sampler", "dpmpp", "--steps", "15",
+                         "--seed", "3"])
     torch.set_num_threads(threads)
-    return out
+    return out, metrics
 
 
 def test_short_run_writes_plots_and_table(short_run):
-    metrics = json.loads((short_run / "metrics.json").read_text())
+    out, returned = short_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rows"] == returned["rows"]
     rows = {r["name"]: r for r in metrics["rows"]}
     expected = {"dpmpp_15", "ddpm_1000", "dpmpp_10", "dpmpp_20", "dpmpp_10_uniform", "dpmpp_20_uniform"} | {
         f"ddim_{n}_eta{e:g}" for n in (10, 20, 50, 100, 1000) for e in (0, 0.5, 1)} | {
         f"ddim_{n}_eta0_quadratic" for n in (10, 20, 50)}
-    assert set(rows) == expected
+    assert set(rows) == expected and metrics["rows"][0]["name"] == "dpmpp_15"  # the run's own sampler first
     assert all(r["cd"] > 0 and r["seconds"] > 0 for r in rows.values())
-    assert metrics["num_points"] == 256 and metrics["iters"] == 1500 and metrics["device"] == "cpu"
+    assert {"device", "torch", "data", "num_points", "reference", "train_seconds", "train_cpu_seconds", "iters", "rows",
+            "args"} <= set(metrics)
+    assert metrics["num_points"] == 256 and metrics["iters"] == 1500 and metrics["train_seconds"] > 0
     # Trained, not noise: DDPM's points are far closer to the roll than the Gaussian they started from.
     _, reference = ddim.make_point_data("swiss_roll", 50_000, 256, seed=3)
     noise_cd = ddim.chamfer_distance(torch.randn(256, 2, generator=torch.Generator().manual_seed(3)), reference)
     assert rows["ddpm_1000"]["cd"] < noise_cd / 10, (rows["ddpm_1000"]["cd"], noise_cd)
-    # 1,500 iterations at the default EMA decay (0.999): with the warm-up the average follows the weights, so the
-    # samples are not scattered (without it, DDIM-50's CD was in the tens of thousands at this length).
+    # 1,500 steps at the default EMA decay (0.999): the warm-up lets the average follow the weights.
     assert rows["ddim_50_eta0"]["cd"] < noise_cd / 10, (rows["ddim_50_eta0"]["cd"], noise_cd)
-    # The table file lists every row; every scatter plot is a real picture (blue points on white).
-    assert len((short_run / "table.txt").read_text().strip().splitlines()) == 1 + len(expected)
-    for name in expected:
-        img = np.asarray(Image.open(short_run / "scatter" / f"{name}.png").convert("RGB")).astype(int)
-        blue = (img[..., 2] > 150) & (img[..., 0] < 100)
-        assert blue.sum() > 100, name
-    for name in ("overview.png", "samples.png", "loss.png"):
-        assert Image.open(short_run / name).size[0] > 300
-    points = np.loadtxt(short_run / "samples.csv", delimiter=",", skiprows=1)
-    assert points.shape == (256, 2)
-    assert ddim.chamfer_distance(torch.from_numpy(points), reference.double()) == pytest.approx(rows["dpmpp_15"]["cd"], rel=1e-5)
+    table = (out / "table.txt").read_text().strip().splitlines()
+    assert len(table) == 1 + len(expected) and table[1].split()[:2] == ["dpmpp", "15"]
+    assert float(table[1].split()[-2]) == pytest.approx(rows["dpmpp_15"]["cd"], abs=1e-3)
+    for name in expected:  # every scatter plot shows generated points (blue) over the reference
+        img = np.asarray(Image.open(out / "scatter" / f"{name}.png").convert("RGB")).astype(int)
+        assert ((img[..., 2] > 150) & (img[..., 0] < 100)).sum() > 100, name
+    assert (out / "loss.csv").read_text().count("\n") == 1501 and Image.open(out / "loss.png").size[0] > 300
+    # 50,000 points in batches of 256: 195 steps an epoch, so 7 whole epochs and the last step's plot (epoch 8)
+    assert sorted(os.listdir(out / "progress")) == [f"epoch_{e:03d}.png" for e in range(1, 9)]
+    progress = np.asarray(Image.open(out / "progress" / "epoch_001.png").convert("RGB")).astype(int)
+    assert ((progress[..., 2] > 150) & (progress[..., 0] < 100)).sum() > 50
+    assert plumbing.load_checkpoint(str(out / "ckpt.pt"), "ddim")["step"] == 1500
 
 
 def test_ddim_inversion_round_trip_on_the_trained_model(short_run):
-    saved = ddim.load_checkpoint(str(short_run / "ckpt.pt"))
+    saved = plumbing.load_checkpoint(str(short_run[0] / "ckpt.pt"), "ddim")
     a = saved["args"]
-    model = ddim.build_model(argparse.Namespace(**a))
-    ema = ddim.make_ema(model, a["ema_decay"])
-    ema.module.load_state_dict(saved["ema"])
-    net = ema.module.eval()
+    net = build(a).eval()
+    net.load_state_dict(saved["ema"]["weights"])
     sched = ddim.NoiseSchedule(ddim.make_betas(a["schedule"], a["timesteps"]))
     _, points = ddim.make_point_data("swiss_roll", 50_000, 512, seed=7)
     ts = ddim.sampling_timesteps(a["timesteps"], 200)
@@ -281,44 +287,46 @@ def test_ddim_inversion_round_trip_on_the_trained_model(short_run):
 
 
 def test_resume_continues_exactly(tmp_path):
-    common = ["--device", "cpu", "--hidden", "16", "--emb-dim", "8", "--batch-size", "32", "--train-points", "1000",
-              "--num-points", "16", "--timesteps", "50", "--steps", "5", "--no-table", "--ckpt-every", "7"]
-    ddim.main(common + ["--out", str(tmp_path / "straight"), "--iters", "20"])
-    ddim.main(common + ["--out", str(tmp_path / "resumed"), "--iters", "10"])
-    ddim.main(common + ["--out", str(tmp_path / "resumed"), "--iters", "20", "--resume"])
-    a = ddim.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
-    b = ddim.load_checkpoint(str(tmp_path / "resumed" / "ckpt.pt"))
-    assert a["step"] == b["step"] == 20
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
-    sample_a = json.loads((tmp_path / "straight" / "metrics.json").read_text())["rows"][0]["cd"]
-    sample_b = json.loads((tmp_path / "resumed" / "metrics.json").read_text())["rows"][0]["cd"]
-    assert math.isfinite(sample_a) and sample_a == sample_b
+    # 320 points in batches of 32: 10 steps an epoch; the first run stops mid-epoch 2, at step 13
+    common = ["--device", "cpu", "--hidden", "16", "--emb-dim", "8", "--batch-size", "32", "--train-points", "320",
+              "--num-points", "16", "--timesteps", "50", "--steps", "5", "--lr-decay", "constant", "--warmup", "3"]
+    ddim.main(common + ["--out", str(tmp_path / "straight"), "--iters", "25"])
+    ddim.main(common + ["--out", str(tmp_path / "resumed"), "--iters", "13"])
+    first = plumbing.load_checkpoint(str(tmp_path / "resumed" / "ckpt.pt"), "ddim")
+    ddim.main(common + ["--out", str(tmp_path / "resumed"), "--iters", "25", "--resume"])
+    a = plumbing.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"), "ddim")
+    b = plumbing.load_checkpoint(str(tmp_path / "resumed" / "ckpt.pt"), "ddim")
+    assert first["step"] == 13 and a["step"] == b["step"] == 25
+    assert not torch.equal(first["model"]["out.weight"], b["model"]["out.weight"])  # it did train on
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for k, v in a["optimizer"]["state"].items():
+        assert all(torch.equal(v[s], b["optimizer"]["state"][k][s]) for s in v), k
+    assert torch.equal(a["losses"]["loss"], b["losses"]["loss"])
+    rows_a = json.loads((tmp_path / "straight" / "metrics.json").read_text())["rows"]
+    rows_b = json.loads((tmp_path / "resumed" / "metrics.json").read_text())["rows"]
+    assert math.isfinite(rows_a[0]["cd"]) and [r["cd"] for r in rows_a] == [r["cd"] for r in rows_b]
 
 
-@pytest.mark.parametrize("argv, message", [
+@pytest.mark.parametrize("argv, culprit", [
     (["--iters", "-1"], "--iters"),
     (["--steps", "0"], "--steps"),
-    (["--sampler", "ddpm", "--steps", "10"], "DDPM takes all T steps"),
-    (["--steps", "2000"], "--timesteps"),
-    (["--timesteps", "1"], "--timesteps must be at least 2"),
-    (["--eta", "1.5"], "--eta must be in [0, 1]"),
-    (["--eta", "-0.5"], "--eta"),
-    (["--sample-only"], "not found"),
-    (["--data", "spiral"], "invalid choice"),
+    (["--sampler", "ddpm", "--steps", "10"], "--steps"),
+    (["--steps", "2000"], "--steps"),
+    (["--eta", "1.5"], "--eta"),
+    (["--batch-size", "64", "--train-points", "10"], "--train-points"),
+    (["--sample-only"], "ckpt.pt"),
+    (["--data", "spiral"], "--data"),
 ])
-def test_bad_input_stops_before_writing(tmp_path, capsys, argv, message):
+def test_bad_input_stops_before_writing(tmp_path, capsys, argv, culprit):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
         ddim.main(argv + ["--out", str(out)])
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    assert e.value.code == 2 and culprit in capsys.readouterr().err
     assert not out.exists()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# image mode on a tiny ddpm_mnist.py checkpoint (its FID path last)
-# ---------------------------------------------------------------------------------------------------------------
+# ---- image mode on a tiny ddpm_mnist.py checkpoint ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mnist_ckpt(tmp_path_factory):
     import ddpm_mnist
@@ -337,31 +345,28 @@ def test_image_mode_writes_what_ddpm_mnist_writes(tmp_path, mnist_ckpt, sampler)
     assert sorted(os.listdir(out / "samples")) == names
     with zipfile.ZipFile(out / "samples.zip") as zf:
         assert sorted(zf.namelist()) == names
-    assert Image.open(out / "samples" / "00001.png").size == (28, 28)
-    assert Image.open(out / "samples" / "00001.png").mode == "RGB"
+    with Image.open(out / "samples" / "00001.png") as img:
+        assert img.size == (28, 28) and img.mode == "RGB"
     assert Image.open(out / "grid.png").size[0] > 5 * 28 and Image.open(out / "process.png").size[0] > 8 * 28
+    assert Image.open(out / "process.gif").n_frames > 1  # animated (PIL merges repeated frames)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["sampler"] == sampler and metrics["sampling_steps"] == 5 and metrics["num_samples"] == 12
+    assert (metrics["sampler"], metrics["sampling_steps"], metrics["num_samples"]) == (sampler, 5, 12)
 
 
 def test_image_mode_rejects_more_steps_than_the_checkpoint(tmp_path, mnist_ckpt, capsys):
     with pytest.raises(SystemExit) as e:
-        ddim.main(["--ckpt", str(mnist_ckpt), "--steps", "50", "--no-fid", "--device", "cpu", "--out", str(tmp_path / "o")])
-    assert e.value.code == 2 and "20 diffusion steps" in capsys.readouterr().err
+        ddim.main(["--ckpt", str(mnist_ckpt), "--steps", "50", "--no-fid", "--device", "cpu",
+                   "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--steps" in err and "20" in err  # the checkpoint's T
     assert not (tmp_path / "o").exists()
 
 
-def test_image_mode_fid_against_steps(tmp_path, mnist_ckpt, quick_frechet):
-    out = tmp_path / "fid"
-    ddim.main(["--ckpt", str(mnist_ckpt), "--steps", "4", "--num-samples", "16", "--device", "cpu", "--out", str(out),
-               "--fid-steps", "4", "--inception", str(SHARED / "weights" / "pt_inception-2015-12-05-nofc.pth"),
-               "--fid-stats", str(SHARED / "fid-reference" / "mnist_train10k_stats.npz")])
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["fid"] > 0 and metrics["fid_num_samples"] == 16
-    table = metrics["fid_vs_steps"]
-    assert [(r["sampler"], r["steps"]) for r in table] == [("ddim", 4), ("dpmpp", 4)]
-    assert all(r["fid"] > 0 and r["num_samples"] == 16 for r in table)
-    # The table's DDIM-4 row draws the same images as the main run (same seed, same sampler): same FID;
-    # DPM-Solver++ draws others.
-    assert table[0]["fid"] == pytest.approx(metrics["fid"], rel=1e-6) and table[1]["fid"] != table[0]["fid"]
-    assert len(quick_frechet) == 2  # the main run's, and DPM-Solver++'s: the DDIM-4 row reuses the main run's
+def test_image_mode_grades_with_fid(tmp_path, mnist_ckpt, quick_frechet):
+    stats = SHARED / "fid-reference" / "mnist_train10k_stats.npz"
+    metrics = ddim.main(["--ckpt", str(mnist_ckpt), "--steps", "4", "--num-samples", "16", "--device", "cpu",
+                         "--inception", str(SHARED / "weights" / "pt_inception-2015-12-05-nofc.pth"),
+                         "--fid-stats", str(stats), "--out", str(tmp_path / "fid")])
+    written = json.loads((tmp_path / "fid" / "metrics.json").read_text())
+    assert written["fid"] == metrics["fid"] > 0 and written["fid_num_samples"] == 16
+    assert written["fid_reference"] == str(stats) and len(quick_frechet) == 1

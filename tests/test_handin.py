@@ -1,10 +1,12 @@
-"""The README's "What to hand in" blocks, each run at tiny settings on stand-in data: every file a block names under
+"""The README's "What to hand in" blocks, each run at tiny settings on stand-in data, as a student's submission runs
+them: each script copied with plumbing.py and fid.py into an empty folder and run there; every file a block names under
 `# files:` must be written, JPEGs as JPEG, zips flat. The commands are the README's own, with the data folders
 swapped for small ones here and tiny sizes appended (argparse takes the last value of a flag)."""
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -102,7 +104,11 @@ def test_a_handin_block_writes_its_files(tmp_path, data, title, commands, files)
         extra = list(TINY[script])
         if script in ("ddpm_mnist.py", "gan_baseline.py") and "--data-dir" not in args:
             extra += ["--data-dir", str(SHARED / "data")]  # MNIST, offline
-        result = subprocess.run([sys.executable, str(ROOT / script), *args, *extra], cwd=tmp_path, env=env,
+        # A student's submission: the script with plumbing.py and fid.py (ddim.py: and ddpm_mnist.py) in a folder
+        # of their own, run there.
+        for name in (script, "plumbing.py", "fid.py") + (("ddpm_mnist.py",) if script == "ddim.py" else ()):
+            shutil.copy(ROOT / name, tmp_path / name)
+        result = subprocess.run([sys.executable, script, *args, *extra], cwd=tmp_path, env=env,
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, (line, result.stderr[-3000:])
     for name in files:
