@@ -437,7 +437,8 @@ def plot_loss(curves, path, title):
         label = f"{name} (moving average of {window})"
         draw.text((W - m - 8, m + 8 + 22 * k), label, fill=colour, font=font, anchor="ra")
     draw.text((W / 2, m / 2), title, fill="black", font=font, anchor="mm")
-    draw.text((W / 2, H - m / 2), f"iteration 1 ... {n}", fill="black", font=font, anchor="mm")
+    scale = "; the loss on a log scale" if f is np.log10 else ""
+    draw.text((W / 2, H - m / 2), f"iteration 1 ... {n}{scale}", fill="black", font=font, anchor="mm")
     img.save(path)
 
 
