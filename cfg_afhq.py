@@ -551,8 +551,7 @@ def classes_in_turn(images, labels):
 def write_scale_outputs(args, images_by_scale, labels):
     """Per scale w: samples_w{w}/CLASS/*.png, handin_w{w}/ and .zip (--handin-images, classes in turn), grid_w{w}.png (a
     row per class); grid_scales.png, a row per scale, a column per starting noise. The old metrics.json goes first."""
-    if os.path.exists(os.path.join(args.out, "metrics.json")):
-        os.remove(os.path.join(args.out, "metrics.json"))
+    plumbing.remove_old_metrics(args.out)
     m = min(8, args.num_samples // len(args.classes))
     for w, images in images_by_scale.items():
         folder = os.path.join(args.out, f"samples_w{w:g}")

@@ -27,7 +27,6 @@ Commands
 import argparse
 import copy
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -562,17 +561,6 @@ def grade_during_training(args, model, sched, epoch, state, tests, evaluator, gu
 
 
 # ---- the homework's deliverables, graded by the course's evaluator ------------------------------------------------
-def load_evaluator(folder):
-    """The course's evaluation_model(), unchanged, built in its folder (it reads ./checkpoint.pth; it calls .cuda())."""
-    spec = importlib.util.spec_from_file_location("course_evaluator", os.path.join(folder, "evaluator.py"))
-    module, cwd = importlib.util.module_from_spec(spec), os.getcwd()
-    os.chdir(folder)
-    spec.loader.exec_module(module)
-    evaluator = module.evaluation_model()
-    os.chdir(cwd)
-    return evaluator
-
-
 def write_and_grade(args, model, sched, tests, evaluator, guide, sets=1):
     """Per test file, `sets` sets of images: the first written as STEM/00001.png ..., STEM.zip and STEM_grid.png; each
     graded as the course does (the PNGs' uint8 as Normalize(0.5, 0.5) loads them). Returns {stem: [accuracies]}."""
@@ -604,13 +592,12 @@ def main(argv=None):
     objects = read_json(args, "objects.json")  # its order is read, never assumed
     tests = {os.path.splitext(name)[0]: multi_hot(read_json(args, name), objects, name).to(device)
              for name in ("test.json", "new_test.json")}
-    evaluator = load_evaluator(args.evaluator_dir) if args.evaluator_dir else None
+    evaluator = plumbing.load_course_evaluator(args.evaluator_dir) if args.evaluator_dir else None
     if not args.sample_only:
         data, labels = load_iclevr_training_set(args, objects, device)
         plumbing.check(plumbing.must(len(data) >= args.batch_size, "--batch-size is above the number of images"))
     plumbing.make_out_folder(args.out)
-    if plumbing.rank() == 0 and os.path.exists(os.path.join(args.out, "metrics.json")):
-        os.remove(os.path.join(args.out, "metrics.json"))  # it described the images about to be replaced
+    plumbing.remove_old_metrics(args.out)
 
     torch.manual_seed(args.seed)
     sched = NoiseSchedule(make_betas(args.schedule, args.timesteps)).to(device)

@@ -635,8 +635,7 @@ def main(argv=None):
                        iters=state["step"])
     if not plumbing.leave_distributed():
         return None  # under torchrun the other processes stop here: process 0 samples and grades
-    if os.path.exists(os.path.join(args.out, "metrics.json")):  # it described the plots about to be replaced
-        os.remove(os.path.join(args.out, "metrics.json"))
+    plumbing.remove_old_metrics(args.out)
     # The EMA network in float32, even on a GPU: 2D points need more precision than bf16 gives.
     metrics["rows"] = chamfer_table(args, ema.module, sched, reference)
     plumbing.write_metrics(os.path.join(args.out, "metrics.json"), {**metrics, "args": vars(args)})

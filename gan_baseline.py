@@ -38,7 +38,6 @@ Commands
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -562,18 +561,6 @@ def generate_samples(G, n, pool, args, device):
     return plumbing.sample_in_batches(draw, n, args.sample_batch_size, args.seed, device)
 
 
-def load_course_evaluator(folder):
-    """folder/evaluator.py's evaluation_model(), built in folder as the course's expects (it reads ./checkpoint.pth)."""
-    spec = importlib.util.spec_from_file_location("course_evaluator", os.path.join(folder, "evaluator.py"))
-    module, cwd = importlib.util.module_from_spec(spec), os.getcwd()
-    os.chdir(folder)
-    try:
-        spec.loader.exec_module(module)
-        return module.evaluation_model()
-    finally:
-        os.chdir(cwd)
-
-
 def grade_iclevr(G, tests, evaluator, args, device):
     """For each test file, one image per condition, upsampled to --output-size and handed in as FILE.png (8 a row).
     The course's protocol grades them: the uint8 images as ToTensor + Normalize(0.5, 0.5) load them (u / 127.5 - 1)
@@ -602,7 +589,7 @@ def main(argv=None):
     fid_stats = args.fid_stats or plumbing.training_set_stats(args)
     grade_fid = args.fid and args.num_samples and args.dataset != "iclevr"
     inception = plumbing.prepare_fid(args, fid_stats) if grade_fid else None
-    evaluator = load_course_evaluator(args.evaluator_dir) if args.evaluator_dir else None
+    evaluator = plumbing.load_course_evaluator(args.evaluator_dir) if args.evaluator_dir else None
     device = torch.device(args.device)
     data, labels, tests, names = load_training_data(args, args.limit, with_images=not args.sample_only)
     args.label_names = args.label_names or names
@@ -631,6 +618,7 @@ def main(argv=None):
         images = generate_samples(ema.module, args.num_samples, pool, args, device)
     if not plumbing.leave_distributed():
         return None  # under torchrun the other processes stop here: process 0 writes and grades
+    plumbing.remove_old_metrics(args.out)
     if args.dataset == "iclevr":
         metrics.update(grade_iclevr(ema.module, tests, evaluator, args, device))
     elif args.num_samples:

@@ -10,6 +10,7 @@ plot, the metrics file, and the glue to fid.py.
 import argparse
 import atexit
 import csv
+import importlib.util
 import json
 import os
 import shutil
@@ -389,8 +390,7 @@ def save_samples(images, folder, zip_path):
 def write_samples(out, images, frames):
     """The homework's images: samples/ and samples.zip, grid.png (the first 25) and process.png / process.gif.
     The old metrics.json goes first: it described the samples being replaced."""
-    if os.path.exists(os.path.join(out, "metrics.json")):
-        os.remove(os.path.join(out, "metrics.json"))
+    remove_old_metrics(out)
     save_samples(images, os.path.join(out, "samples"), os.path.join(out, "samples.zip"))
     make_grid(images[:25], nrow=5).save(os.path.join(out, "grid.png"))
     save_process(frames, out)
@@ -455,6 +455,12 @@ def write_loss(out, losses, title):
     plot_loss(curves, os.path.join(out, "loss.png"), title)
 
 
+def remove_old_metrics(out):
+    """The previous run's metrics.json goes before new outputs are written: it described the files being replaced."""
+    if rank() == 0 and os.path.exists(os.path.join(out, "metrics.json")):
+        os.remove(os.path.join(out, "metrics.json"))
+
+
 def write_metrics(path, metrics):
     """metrics.json, written last: every number the run measured and what reproduces it."""
     with open(path + ".tmp", "w") as fh:
@@ -474,6 +480,19 @@ def save_as(args):
         with Image.open(source) as img:
             img.convert("RGB").save(target, quality=95)
         say(f"wrote {target} (from {source})")
+
+
+def load_course_evaluator(folder):
+    """folder/evaluator.py's evaluation_model(), unchanged, built in folder as the course's code expects (it reads
+    ./checkpoint.pth)."""
+    spec = importlib.util.spec_from_file_location("course_evaluator", os.path.join(folder, "evaluator.py"))
+    module, cwd = importlib.util.module_from_spec(spec), os.getcwd()
+    os.chdir(folder)
+    try:
+        spec.loader.exec_module(module)
+        return module.evaluation_model()
+    finally:
+        os.chdir(cwd)
 
 
 # ---- FID (fid.py, the pytorch-fid protocol) ---------------------------------------------------------------------

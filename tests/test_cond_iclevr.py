@@ -13,6 +13,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 import cond_iclevr as ci
+import plumbing
 from iclevr_fixtures import COURSE_OBJECTS, stand_in_calls, write_miniature_iclevr, write_stand_in_evaluator
 
 TINY = ["--device", "cpu", "--image-size", "16", "--ch", "8", "--ch-mult", "1", "1", "--num-res-blocks", "1",
@@ -69,7 +70,7 @@ def test_the_course_evaluator_loads_in_its_folder_and_our_top_k_rule_is_its_rule
     """Scores are set by painting pixels; the course's eval() and our top_k_accuracy agree on them."""
     folder = write_stand_in_evaluator(tmp_path / "evaluator")
     monkeypatch.chdir(tmp_path)  # the evaluator must find ./checkpoint.pth in its own folder, wherever we run
-    evaluator = ci.load_evaluator(str(folder))
+    evaluator = plumbing.load_course_evaluator(str(folder))
     assert os.getcwd() == str(tmp_path)
     images = torch.randint(0, 40, (4, 3, 64, 64), dtype=torch.uint8)
     painted = {0: {0: 250, 5: 240}, 1: {3: 200}, 2: {1: 200, 2: 210, 4: 220}, 3: {8: 255, 7: 100}}

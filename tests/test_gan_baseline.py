@@ -299,7 +299,7 @@ def test_iclevr_grading_follows_the_course_protocol(tmp_path, data, monkeypatch)
     scores: its own conditions score 1, shifted ones less. So the conditions reach G and eval() aligned, and the
     images reach eval() as the course loads PNGs (u / 127.5 - 1)."""
     monkeypatch.chdir(tmp_path)
-    evaluator = gb.load_course_evaluator(str(data["probe"]))
+    evaluator = plumbing.load_course_evaluator(str(data["probe"]))
     assert os.getcwd() == str(tmp_path)
     tests = {"test.json": conditions(32, 24, True)}
 
