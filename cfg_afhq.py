@@ -30,6 +30,10 @@ Commands
   python cfg_afhq.py --data-dir afhq --sample-only --cfg-scales 0 1 3 7.5 --sampler ddim --steps 100
   python benchmarks/cfg_mnist_classes.py --preset cpu   # --preset cpu on MNIST as ten class folders (a 2-core CPU)
   torchrun --nproc_per_node 4 cfg_afhq.py --data-dir afhq --prepare-eval   # several GPUs: each a share of every batch
+
+On a GPU the network computes in bf16 where the GPU has native bf16, else in fp16 with a gradient scaler (T4, V100);
+on a CPU in float32 (plumbing.Precision: printed, and kept in metrics.json). A checkpoint is written at an epoch's
+end if the last is a minute old, at the end, and on Ctrl-C; --compile uses CUDA graphs for training on one GPU.
 """
 
 import argparse
@@ -417,12 +421,12 @@ def guided_eps(eps_cond, eps_uncond, w):
     return (1 + w) * eps_cond - w * eps_uncond
 
 
-def make_cfg_eps_fn(model, labels, w, bf16):
-    """The guided noise for fixed labels as eps_fn(x, t), float32 out; in bf16 autocast if bf16. Both predictions
-    come from one forward pass over the doubled batch [x_t; x_t] with labels [c; 0]."""
+def make_cfg_eps_fn(model, labels, w, amp):
+    """The guided noise for fixed labels as eps_fn(x, t), float32 out, under amp's autocast (a plumbing.Precision).
+    Both predictions come from one forward pass over the doubled batch [x_t; x_t] with labels [c; 0]."""
     def eps_fn(x, t):
         null = torch.full_like(labels, NULL_LABEL)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with amp.autocast():
             if w in (0, -1):  # one half is multiplied by 0: the conditional (w = 0) or unconditional model alone
                 return model(x, t, labels if w == 0 else null).float()
             eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float()
@@ -436,7 +440,8 @@ def class_progress_samples(model, sched, shape, num_classes, seed, device):
     own generator leaves the training's random state alone."""
     g = torch.Generator(device).manual_seed(seed)
     x_T = torch.randn((16, *shape), generator=g, device=device)
-    eps_fn = make_cfg_eps_fn(model, torch.arange(16, device=device) % num_classes + 1, 0.0, False)
+    labels = torch.arange(16, device=device) % num_classes + 1
+    eps_fn = make_cfg_eps_fn(model, labels, 0.0, plumbing.Precision(device, "float32"))
     return sample(eps_fn, sched, x_T, sampling_timesteps(sched.T, min(20, sched.T)), "ddim", 0.0, g)
 
 
@@ -445,12 +450,12 @@ def balanced_labels(n, num_classes):
     return torch.arange(n) * num_classes // n + 1
 
 
-def sample_at_scale(model, sched, labels, w, timesteps, args, device):
+def sample_at_scale(model, sched, labels, w, timesteps, args, device, amp):
     """uint8 samples for labels (grouped by class, as balanced_labels gives them) at guidance scale w, a class at a
     time. The noise depends on the seed and the class, not on w: sample i starts from the same x_T at every scale."""
-    def draw(count, g):  # count samples of the class `label` (the loop below); bf16 autocast on a GPU
+    def draw(count, g):  # count samples of the class `label` (the loop below)
         x_T = torch.randn((count, args.channels, args.image_size, args.image_size), generator=g, device=device)
-        eps_fn = make_cfg_eps_fn(model, torch.full((count,), label, device=device), w, device.type == "cuda")
+        eps_fn = make_cfg_eps_fn(model, torch.full((count,), label, device=device), w, amp)
         return plumbing.to_uint8(sample(eps_fn, sched, x_T, timesteps, args.sampler, args.eta, g))
     per_class = []
     for label in labels.unique().tolist():
@@ -499,13 +504,14 @@ def learning_rate(args, step, total):
     return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train(args, data, labels, model, ema, optimizer, sched, state):
+def train(args, data, labels, model, ema, optimizer, sched, state, amp):
     """Ho & Salimans' Algorithm 1: repeat { (x_0, c) ~ data, c <- 0 with probability p_uncond, t ~ Uniform({0..T-1}),
     eps ~ N(0, I); step on ||eps - eps_theta(x_t, t, c)||^2 }.
 
     The run's state is its step: the epoch and the batch follow by divmod, and each epoch's order comes from the seed
     and the epoch, so a resumed run is the same run. Under torchrun every process draws the whole batch's randomness,
-    computes the loss on its share, and DistributedDataParallel averages the gradients."""
+    computes the loss on its share, and DistributedDataParallel averages the gradients. amp: the number format
+    (plumbing.Precision; its scaler does nothing unless fp16)."""
     bs, device = min(args.batch_size, len(data)), data.device  # a data set smaller than a batch: all of it
     steps_per_epoch = len(data) // bs  # whole batches only: every step has the same shape
     total = args.iters or args.epochs * steps_per_epoch
@@ -522,13 +528,15 @@ def train(args, data, labels, model, ema, optimizer, sched, state):
             t = torch.randint(0, sched.T, (bs,), device=device)
             noise = torch.randn_like(x0)
             optimizer.param_groups[0]["lr"] = learning_rate(args, state["step"], total)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with amp.autocast():
                 loss = diffusion_loss(net, sched, plumbing.my_share(x0), plumbing.my_share(t), plumbing.my_share(noise),
                                       y=plumbing.my_share(y))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            amp.scaler.scale(loss).backward()  # fp16: the loss scaled up, so that small gradients stay above zero
+            amp.scaler.unscale_(optimizer)  # the true gradients again, for the clipping
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # one bad batch cannot throw the weights far
-            optimizer.step()
+            amp.scaler.step(optimizer)  # fp16: skipped if a gradient overflowed
+            amp.scaler.update()
             ema.update()
             state["losses"]["loss"].append(plumbing.mean_over_processes(loss))
             state["step"] += 1
@@ -537,8 +545,9 @@ def train(args, data, labels, model, ema, optimizer, sched, state):
                 images = class_progress_samples(ema.module, sched, data.shape[1:], len(args.classes), args.seed, device)
                 plumbing.save_progress(images, args.out, epoch + 1)
             stop = ctrl_c.stop_requested()
-            if state["step"] % steps_per_epoch == 0 or state["step"] == total or stop:
-                plumbing.save_run(args, SCRIPT, state, stop, model=model, ema=ema, optimizer=optimizer)
+            if progress.checkpoint_due(state, stop):  # at the end, on Ctrl-C, at an epoch's end once a minute
+                plumbing.save_run(args, SCRIPT, state, stop, model=model, ema=ema, optimizer=optimizer,
+                                  scaler=amp.scaler)
 
 
 # ---- the homework: train, then write every deliverable -----------------------------------------------------------
@@ -612,14 +621,16 @@ def main(argv=None):
     model = build_model(args).to(device)
     ema = EMA(model, args.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
+    amp = plumbing.Precision(device)  # bf16, or fp16 with a gradient scaler on GPUs without bf16, float32 on a CPU
     state = {"step": 0, "seconds": 0.0, "losses": {"loss": []}}
     if saved is not None:
-        plumbing.restore_run(saved, args, state, model=model, ema=ema, optimizer=optimizer)
-    plumbing.say(f"UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
+        plumbing.restore_run(saved, args, state, model=model, ema=ema, optimizer=optimizer, scaler=amp.scaler)
+    plumbing.say(f"UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}, {amp.name}")
 
-    metrics = {"device": plumbing.device_name(device), "torch": torch.__version__, "processes": plumbing.world_size()}
+    metrics = {"device": plumbing.device_name(device), "torch": torch.__version__, "processes": plumbing.world_size(),
+               "precision": amp.name}
     if not args.sample_only:
-        train(args, data.to(device), labels.to(device), model, ema, optimizer, sched, state)
+        train(args, data.to(device), labels.to(device), model, ema, optimizer, sched, state, amp)
         plumbing.write_loss(args.out, state["losses"], f"CFG training loss ({args.data_dir}, batch {args.batch_size})")
         metrics.update(train_seconds=round(state["seconds"], 1), steps=state["step"])
     timesteps = sampling_timesteps(args.timesteps, args.steps or args.timesteps)
@@ -627,7 +638,8 @@ def main(argv=None):
     if args.num_samples:
         labels = balanced_labels(args.num_samples, len(args.classes))
         network = torch.compile(ema.module) if args.compile else ema.module
-        images = {w: sample_at_scale(network, sched, labels, w, timesteps, args, device) for w in args.cfg_scales}
+        images = {w: sample_at_scale(network, sched, labels, w, timesteps, args, device, amp)
+                  for w in args.cfg_scales}
     if not plumbing.leave_distributed():
         return None  # under torchrun the other processes stop here: process 0 writes and grades
     if args.num_samples:

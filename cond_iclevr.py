@@ -22,6 +22,10 @@ Commands
   python cond_iclevr.py --preset cpu --data-dir file --evaluator-dir file       # sized for a 2-core CPU
   python cond_iclevr.py --data-dir file --classifier-epochs 12 --classifier-guidance 4   # guided by our classifier
   python cond_iclevr.py --data-dir file --evaluator-dir file --eval-every 10   # OUT/accuracy.csv every 10 epochs
+
+On a GPU the network computes in bf16 where the GPU has native bf16, else in fp16 with a gradient scaler (T4, V100);
+on a CPU in float32 (plumbing.Precision: printed, and kept in metrics.json). A checkpoint is written at an epoch's
+end if the last is a minute old, at the end, and on Ctrl-C; --compile uses CUDA graphs for training on one GPU.
 """
 
 import argparse
@@ -415,7 +419,7 @@ def classifier_guided_eps(classifier, sched, x_t, t, eps, y, scale):
 def sample_conditions(model, sched, y, timesteps, sampler, args, seed, guide=None, record=0):
     """One image per multi-hot row of y, in [-1, 1] at --image-size, from a generator seeded with seed; guided."""
     def eps_fn(x, t):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        with plumbing.Precision(x.device).autocast():  # the training's number format (bf16, fp16 or float32)
             if args.cfg_w == 0:
                 eps = model(x, t, y).float()
             else:
@@ -510,9 +514,10 @@ def learning_rate(args, step, total):
     return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train(args, data, labels, model, ema, optimizer, classifier, sched, state, tests, evaluator, guide):
+def train(args, data, labels, model, ema, optimizer, classifier, sched, state, tests, evaluator, guide, amp):
     """Algorithm 1 with label dropout. The run's state is its step: the epoch and the batch follow by divmod, and each
-    epoch's order comes from the seed and the epoch, so a resumed run is the same run."""
+    epoch's order comes from the seed and the epoch, so a resumed run is the same run. amp: the number format
+    (plumbing.Precision; its scaler does nothing unless fp16)."""
     bs, device = min(args.batch_size, len(data)), data.device  # a data set smaller than a batch: all of it
     steps_per_epoch = len(data) // bs  # whole batches only: every step has the same shape
     total = args.iters or args.epochs * steps_per_epoch
@@ -527,13 +532,15 @@ def train(args, data, labels, model, ema, optimizer, classifier, sched, state, t
             t = torch.randint(0, sched.T, (bs,), device=device)
             noise = torch.randn_like(x0)
             optimizer.param_groups[0]["lr"] = learning_rate(args, state["step"], total)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with amp.autocast():
                 loss = diffusion_loss(net, sched, plumbing.my_share(x0), plumbing.my_share(t), plumbing.my_share(noise),
                                       y=plumbing.my_share(y))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            amp.scaler.scale(loss).backward()  # fp16: the loss scaled up, so that small gradients stay above zero
+            amp.scaler.unscale_(optimizer)  # the true gradients again, for the clipping
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            amp.scaler.step(optimizer)  # fp16: skipped if a gradient overflowed
+            amp.scaler.update()
             ema.update()
             state["losses"]["loss"].append(plumbing.mean_over_processes(loss))
             state["step"] += 1
@@ -545,9 +552,9 @@ def train(args, data, labels, model, ema, optimizer, classifier, sched, state, t
                 if args.eval_every and (epoch + 1) % args.eval_every == 0 and plumbing.rank() == 0:
                     grade_during_training(args, ema.module, sched, epoch + 1, state, tests, evaluator, guide)
             stop = ctrl_c.stop_requested()
-            if state["step"] % steps_per_epoch == 0 or state["step"] == total or stop:
+            if progress.checkpoint_due(state, stop):  # at the end, on Ctrl-C, at an epoch's end once a minute
                 plumbing.save_run(args, SCRIPT, state, stop, model=model, ema=ema, optimizer=optimizer,
-                                  classifier=classifier)
+                                  classifier=classifier, scaler=amp.scaler)
 
 
 def grade_during_training(args, model, sched, epoch, state, tests, evaluator, guide):
@@ -605,15 +612,19 @@ def main(argv=None):
     ema = EMA(model, args.ema_decay)
     classifier = build_classifier(len(objects)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
+    amp = plumbing.Precision(device)  # bf16, or fp16 with a gradient scaler on GPUs without bf16, float32 on a CPU
+    plumbing.say(f"precision: {amp.name}")
     state = {"step": 0, "seconds": 0.0, "losses": {"loss": []}}
     if saved is not None:
-        plumbing.restore_run(saved, args, state, model=model, ema=ema, optimizer=optimizer, classifier=classifier)
+        plumbing.restore_run(saved, args, state, model=model, ema=ema, optimizer=optimizer, classifier=classifier,
+                             scaler=amp.scaler)
     elif args.classifier_epochs:  # first: it guides the grading during training too
         train_classifier(args, data, labels, classifier)
     guide = classifier if args.classifier_guidance else None
-    metrics = {"device": plumbing.device_name(device), "torch": torch.__version__, "processes": plumbing.world_size()}
+    metrics = {"device": plumbing.device_name(device), "torch": torch.__version__, "processes": plumbing.world_size(),
+               "precision": amp.name}
     if not args.sample_only:
-        train(args, data, labels, model, ema, optimizer, classifier, sched, state, tests, evaluator, guide)
+        train(args, data, labels, model, ema, optimizer, classifier, sched, state, tests, evaluator, guide, amp)
         plumbing.write_loss(args.out, state["losses"], f"conditional DDPM loss (iCLEVR, batch {args.batch_size})")
         metrics.update(train_seconds=round(state["seconds"], 1), steps=state["step"])
     if not plumbing.leave_distributed():

@@ -495,11 +495,10 @@ def train(args, pool, model, ema, optimizer, sched, reference, state):
             state["losses"]["loss"].append(plumbing.mean_over_processes(loss))
             state["step"] += 1
             progress.show(state)  # also counts the training seconds
-            epoch_end = state["step"] % steps_per_epoch == 0 or state["step"] == total
-            if epoch_end:  # points from fixed noise, to see the model learn
+            if state["step"] % steps_per_epoch == 0 or state["step"] == total:  # points from fixed noise: see it learn
                 save_progress_plot(ema.module, sched, reference, args, -(-state["step"] // steps_per_epoch))
             stop = ctrl_c.stop_requested()
-            if epoch_end or stop:
+            if progress.checkpoint_due(state, stop):  # at the end, on Ctrl-C, at an epoch's end once a minute
                 plumbing.save_run(args, SCRIPT, state, stop, model=model, ema=ema, optimizer=optimizer)
 
 
@@ -577,7 +576,8 @@ def sample_images(args):
     sched = NoiseSchedule(make_betas(ck.schedule, ck.timesteps)).to(device)
     model = ddpm_mnist.build_model(ck, shape[0]).to(device).eval()
     model.load_state_dict(saved["ema"]["weights"])
-    eps_fn = ddpm_mnist.make_eps_fn(torch.compile(model) if args.compile else model, device.type == "cuda")
+    amp = plumbing.Precision(device)  # bf16, or fp16 on GPUs without bf16, float32 on a CPU (as ddpm_mnist.py)
+    eps_fn = ddpm_mnist.make_eps_fn(torch.compile(model) if args.compile else model, amp)
     g = torch.Generator(device).manual_seed(args.seed)
     x_T = torch.randn((8, *shape), generator=g, device=device)
     _, frames = run_sampler(eps_fn, sched, x_T, args.sampler, steps, args.eta, g, 56, clip=True, spacing=args.spacing)
@@ -593,7 +593,8 @@ def sample_images(args):
     plumbing.write_samples(args.out, images, frames)  # 56 frames + noise: 8 columns of 8 samples in process.png
     metrics = {"device": plumbing.device_name(device), "torch": torch.__version__, "ckpt": args.ckpt,
                "sampler": args.sampler, "sampling_steps": steps, "eta": args.eta if args.sampler == "ddim" else None,
-               "spacing": args.spacing, "num_samples": len(images), "sample_seconds": round(time.time() - start, 1)}
+               "spacing": args.spacing, "num_samples": len(images), "sample_seconds": round(time.time() - start, 1),
+               "precision": amp.name}
     if inception is not None:
         reference = functools.partial(ddpm_mnist.load_training_images, ck, ck.fid_ref_limit)  # read only if not cached
         metrics.update(plumbing.compute_fid(images, inception, stats, reference, device))
@@ -626,7 +627,8 @@ def main(argv=None):
         plumbing.restore_run(saved, args, state, model=model, ema=ema, optimizer=optimizer)
 
     metrics = {"device": plumbing.device_name(device), "torch": torch.__version__, "data": args.data,
-               "num_points": args.num_points, "reference": f"{args.num_points} points, numpy seed [{args.seed}, 1]"}
+               "num_points": args.num_points, "reference": f"{args.num_points} points, numpy seed [{args.seed}, 1]",
+               "precision": "float32"}  # 2D points need more precision than bf16 gives, on a GPU too
     if not args.sample_only:
         cpu = time.process_time()  # CPU seconds too: on a shared machine the wall time grows with the load
         train(args, pool, model, ema, optimizer, sched, reference, state)

@@ -28,12 +28,16 @@ The maths, in the paper's notation (t runs over {0, ..., T-1} in the code; the p
 
 Commands
 --------
-  python ddpm_mnist.py --epochs 30                      # the homework on a GPU: train, 10k samples, FID
+  python ddpm_mnist.py --epochs 30                      # the homework on a GPU: train, 10k DDIM-50 samples, FID
   python ddpm_mnist.py --preset cpu                     # the same sized for a 2-core CPU (about an hour)
   python ddpm_mnist.py --dataset folder --data-dir anime_faces --image-size 64 --epochs 50 --out runs/anime
   python ddpm_mnist.py --dataset folder --data-dir cat_faces --out runs/cats --fuse a.png b.png --lam 0.5 --fuse-t 500
-  python ddpm_mnist.py --sample-only --sampler ddim --steps 100 --eta 0   # resample from runs/ddpm_mnist/ckpt.pt
+  python ddpm_mnist.py --sample-only --sampler ddpm     # resample from runs/ddpm_mnist/ckpt.pt with all T DDPM steps
   torchrun --nproc_per_node 4 ddpm_mnist.py --epochs 30   # several GPUs: each GPU a share of every batch
+
+On a GPU the network computes in bf16 where the GPU has native bf16, else in fp16 with a gradient scaler (T4, V100);
+on a CPU in float32 (plumbing.Precision: printed, and kept in metrics.json). A checkpoint is written at an epoch's
+end if the last is a minute old, at the end, and on Ctrl-C; --compile uses CUDA graphs for training on one GPU.
 """
 
 import argparse
@@ -49,6 +53,9 @@ import torch.nn.functional as F
 import plumbing
 
 SCRIPT = "ddpm_mnist"  # written into every checkpoint, so that another script's checkpoint is recognised
+# The default sampler: DDIM (eta 0) with this many of the T steps, chosen by measurement (benchmarks/samplers.py; the
+# table is in benchmarks/RESULTS.md). --sampler ddpm takes all T.
+DDIM_STEPS = 50
 PRESETS = {  # a preset changes defaults only: `--preset cpu --epochs 2` trains 2 epochs
     "cpu": dict(device="cpu", ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, attn_res=7, dropout=0.0, epochs=6,
                 batch_size=64, lr=2e-3, lr_decay="cosine", warmup=200, ema_decay=0.999, sampler="ddim", steps=20,
@@ -89,8 +96,8 @@ def build_parser():
     a("--seed", type=int, default=0, help="seeds the training and the sampling (with --sample-only: the sampling)")
     a("--num-samples", type=int, default=10000, help="images written to OUT/samples (0: none)")
     a("--sample-batch-size", type=int, default=1000, help="images denoised at once")
-    a("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral DDPM (all T steps) or DDIM")
-    a("--steps", type=int, default=None, help="DDIM steps (default: all T)")
+    a("--sampler", choices=["ddim", "ddpm"], default="ddim", help="DDIM (--steps of the T) or ancestral DDPM (all T)")
+    a("--steps", type=int, default=None, help=f"DDIM steps (default {DDIM_STEPS}, at most T)")
     a("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]: 0 deterministic, 1 DDPM-like noise")
     a("--fuse", nargs="+", default=None, metavar="IMG", help="fuse two images A B, or a folder's images in pairs")
     a("--lam", type=float, default=0.5, help="fusion weight: (1 - lam) * A + lam * B")
@@ -383,10 +390,10 @@ def sample(eps_fn, sched, x, timesteps, sampler="ddpm", eta=0.0, generator=None,
     return (x, frames) if record else x
 
 
-def make_eps_fn(model, bf16):
-    """The model as eps_fn(x, t), float32 out; in bf16 autocast if bf16."""
+def make_eps_fn(model, amp):
+    """The model as eps_fn(x, t), float32 out, under amp's autocast (a plumbing.Precision: bf16, fp16 or float32)."""
     def eps_fn(x, t):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with amp.autocast():
             return model(x, t).float()
     return eps_fn
 
@@ -396,7 +403,8 @@ def progress_samples(model, sched, shape, seed, device):
     own generator leaves the training's random state alone."""
     g = torch.Generator(device).manual_seed(seed)
     x_T = torch.randn((16, *shape), generator=g, device=device)
-    return sample(make_eps_fn(model, False), sched, x_T, sampling_timesteps(sched.T, min(20, sched.T)), "ddim", 0.0, g)
+    eps_fn = make_eps_fn(model, plumbing.Precision(device, "float32"))
+    return sample(eps_fn, sched, x_T, sampling_timesteps(sched.T, min(20, sched.T)), "ddim", 0.0, g)
 
 
 def generate(eps_fn, sched, n, shape, timesteps, args, device):
@@ -464,11 +472,12 @@ def learning_rate(args, step, total):
     return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train(args, data, model, ema, optimizer, sched, state):
+def train(args, data, model, ema, optimizer, sched, state, amp):
     """Algorithm 1: repeat { x_0 ~ data, t ~ Uniform({0..T-1}), eps ~ N(0, I); step on ||eps - eps_theta(x_t, t)||^2 }.
     The run's state is its step: the epoch and the batch follow by divmod, and each epoch's order comes from the seed
     and the epoch, so a resumed run is the same run. Under torchrun every process draws the whole batch's randomness,
-    computes the loss on its share, and DistributedDataParallel averages the gradients."""
+    computes the loss on its share, and DistributedDataParallel averages the gradients. amp: the number format
+    (plumbing.Precision; its scaler does nothing unless fp16)."""
     bs, device = min(args.batch_size, len(data)), data.device  # a data set smaller than a batch: all of it
     steps_per_epoch = len(data) // bs  # whole batches only: every step has the same shape
     total = args.iters or args.epochs * steps_per_epoch
@@ -483,12 +492,14 @@ def train(args, data, model, ema, optimizer, sched, state):
             t = torch.randint(0, sched.T, (bs,), device=device)
             noise = torch.randn_like(x0)
             optimizer.param_groups[0]["lr"] = learning_rate(args, state["step"], total)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with amp.autocast():
                 loss = diffusion_loss(net, sched, plumbing.my_share(x0), plumbing.my_share(t), plumbing.my_share(noise))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            amp.scaler.scale(loss).backward()  # fp16: the loss scaled up, so that small gradients stay above zero
+            amp.scaler.unscale_(optimizer)  # the true gradients again, for the clipping
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # one bad batch cannot throw the weights far
-            optimizer.step()
+            amp.scaler.step(optimizer)  # fp16: skipped if a gradient overflowed
+            amp.scaler.update()
             ema.update()
             state["losses"]["loss"].append(plumbing.mean_over_processes(loss))
             state["step"] += 1
@@ -497,8 +508,9 @@ def train(args, data, model, ema, optimizer, sched, state):
                 images = progress_samples(ema.module, sched, data.shape[1:], args.seed, device)
                 plumbing.save_progress(images, args.out, epoch + 1)
             stop = ctrl_c.stop_requested()
-            if state["step"] % steps_per_epoch == 0 or state["step"] == total or stop:
-                plumbing.save_run(args, SCRIPT, state, stop, model=model, ema=ema, optimizer=optimizer)
+            if progress.checkpoint_due(state, stop):  # at the end, on Ctrl-C, at an epoch's end once a minute
+                plumbing.save_run(args, SCRIPT, state, stop, model=model, ema=ema, optimizer=optimizer,
+                                  scaler=amp.scaler)
 
 
 # ---- the homework: train, then write every deliverable -----------------------------------------------------------
@@ -523,27 +535,29 @@ def main(argv=None):
     model = build_model(args, in_ch).to(device)
     ema = EMA(model, args.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
+    amp = plumbing.Precision(device)  # bf16, or fp16 with a gradient scaler on GPUs without bf16, float32 on a CPU
     state = {"step": 0, "seconds": 0.0, "losses": {"loss": []}}
     if saved is not None:
-        plumbing.restore_run(saved, args, state, model=model, ema=ema, optimizer=optimizer)
-    plumbing.say(f"UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
-    bf16 = device.type == "cuda"  # sample in bf16 autocast on a GPU, as the training does
+        plumbing.restore_run(saved, args, state, model=model, ema=ema, optimizer=optimizer, scaler=amp.scaler)
+    plumbing.say(f"UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}, {amp.name}")
     if args.fuse:
-        return plumbing.write_fusion(args, *fuse(args, make_eps_fn(ema.module, bf16), sched, in_ch, size, device))
+        return plumbing.write_fusion(args, *fuse(args, make_eps_fn(ema.module, amp), sched, in_ch, size, device))
 
-    metrics = {"device": plumbing.device_name(device), "torch": torch.__version__, "processes": plumbing.world_size()}
+    metrics = {"device": plumbing.device_name(device), "torch": torch.__version__, "processes": plumbing.world_size(),
+               "precision": amp.name}
     if not args.sample_only:
-        train(args, data, model, ema, optimizer, sched, state)
+        train(args, data, model, ema, optimizer, sched, state, amp)
         plumbing.write_loss(args.out, state["losses"], f"DDPM training loss ({args.dataset}, batch {args.batch_size})")
         metrics.update(train_seconds=round(state["seconds"], 1), steps=state["step"])
-    timesteps = sampling_timesteps(args.timesteps, args.steps or args.timesteps)
+    steps = args.timesteps if args.sampler == "ddpm" else args.steps or min(DDIM_STEPS, args.timesteps)
+    timesteps = sampling_timesteps(args.timesteps, steps)
     start = time.time()
     if args.num_samples:
         g = torch.Generator(device).manual_seed(args.seed)
         x_T = torch.randn((8, in_ch, size, size), generator=g, device=device)
-        _, frames = sample(make_eps_fn(ema.module, bf16), sched, x_T, timesteps, args.sampler, args.eta, g, record=56)
+        _, frames = sample(make_eps_fn(ema.module, amp), sched, x_T, timesteps, args.sampler, args.eta, g, record=56)
         network = torch.compile(ema.module) if args.compile else ema.module  # the 8 above are not worth compiling
-        images = generate(make_eps_fn(network, bf16), sched, args.num_samples, x_T.shape[1:], timesteps, args, device)
+        images = generate(make_eps_fn(network, amp), sched, args.num_samples, x_T.shape[1:], timesteps, args, device)
     if not plumbing.leave_distributed():
         return None  # under torchrun the other processes stop here: process 0 writes and grades
     if args.num_samples:

@@ -34,6 +34,10 @@ Commands
   python gan_baseline.py --dataset folder --data-dir cat_faces --arch stylegan --epochs 100    # StyleGAN vs DDPM
   python gan_baseline.py --dataset classes --data-dir afhq/train --epochs 100         # one sub-folder per class
   python gan_baseline.py --dataset iclevr --data-dir iclevr_data --evaluator-dir course_files --epochs 300
+
+On a GPU the network computes in bf16 where the GPU has native bf16, else in fp16 with a gradient scaler (T4, V100);
+on a CPU in float32 (plumbing.Precision: printed, and kept in metrics.json). A checkpoint is written at an epoch's
+end if the last is a minute old, at the end, and on Ctrl-C.
 """
 
 import argparse
@@ -456,20 +460,22 @@ def fake_images(G, z, y, args):
     return G(z, y)
 
 
-def descend(loss, model, optimizer):
-    """One step down loss. Under torchrun, the gradients averaged by hand: DDP's hooks miss R1's double backward."""
+def descend(loss, model, optimizer, scaler):
+    """One step down loss. Under torchrun, the gradients averaged by hand: DDP's hooks miss R1's double backward.
+    scaler: the gradient scaler of plumbing.Precision (it passes everything through unless fp16)."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler.scale(loss).backward()  # fp16: the loss scaled up, so that small gradients stay above zero
     for p in model.parameters() if plumbing.world_size() > 1 else []:
         dist.all_reduce(p.grad)
         p.grad /= plumbing.world_size()
-    optimizer.step()
+    scaler.step(optimizer)  # unscales the gradients first; fp16: skipped if one overflowed
 
 
-def gan_step(G, D, opt_g, opt_d, x, y, z, args):
+def gan_step(G, D, opt_g, opt_d, x, y, z, args, amp):
     """A D step on L_D (+ R1): real images x against fakes G(z[0], y), G held fixed; then a G step on L_G for fresh
-    fakes G(z[1], y): the gradients flow through D into G, D's weights stay put. Returns both losses."""
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+    fakes G(z[1], y): the gradients flow through D into G, D's weights stay put. Returns both losses. amp: the number
+    format (plumbing.Precision); R1's double backward runs in float32."""
+    with amp.autocast():
         with torch.no_grad():
             fake = fake_images(G, z[0], y, args)
         # One pass over real and fake together: one power iteration per step, and D has no batch norm to mix them.
@@ -477,11 +483,12 @@ def gan_step(G, D, opt_g, opt_d, x, y, z, args):
     d_loss = discriminator_loss(*scores.chunk(2), args.loss)
     if args.r1_gamma > 0:
         d_loss = d_loss + r1_penalty(D, x, y, args.r1_gamma)
-    descend(d_loss, D, opt_d)
+    descend(d_loss, D, opt_d, amp.scaler)
     D.requires_grad_(False)  # no gradients for D's weights: they are not updated here, so do not compute them
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+    with amp.autocast():
         g_loss = generator_loss(D(fake_images(G, z[1], y, args), y).float(), args.loss)
-    descend(g_loss, G, opt_g)
+    descend(g_loss, G, opt_g, amp.scaler)
+    amp.scaler.update()  # once per step, after both optimisers (fp16: the scale shrinks if either overflowed)
     D.requires_grad_(True)
     return plumbing.mean_over_processes(d_loss), plumbing.mean_over_processes(g_loss)
 
@@ -494,9 +501,10 @@ def progress_images(G, args, y, device):
         return generate_images(G, 16, args.z_dim, torch.Generator(device).manual_seed(args.seed), y=y)
 
 
-def train(args, data, labels, G, D, ema, opt_g, opt_d, state):
+def train(args, data, labels, G, D, ema, opt_g, opt_d, state, amp):
     """On every batch a D step, a G step, an EMA update. The state is the step: the epoch and the batch follow by
-    divmod, each epoch's order from the seed and the epoch, so a resumed run is the same run."""
+    divmod, each epoch's order from the seed and the epoch, so a resumed run is the same run. amp: the number format
+    (plumbing.Precision)."""
     bs, device = min(args.batch_size, len(data)), data.device  # a data set smaller than a batch: all of it
     steps_per_epoch = len(data) // bs  # whole batches only: every step has the same shape
     total = args.iters or args.epochs * steps_per_epoch
@@ -514,7 +522,7 @@ def train(args, data, labels, G, D, ema, opt_g, opt_d, state):
             x = plumbing.my_share(to_model_input(data[batch], flip=args.dataset != "mnist"))
             y = None if labels is None else plumbing.my_share(labels[batch])
             z = plumbing.my_share(torch.randn(bs, 2, args.z_dim, device=device)).unbind(1)  # for the D and the G step
-            d_loss, g_loss = gan_step(G_net, D_net, opt_g, opt_d, x, y, z, args)
+            d_loss, g_loss = gan_step(G_net, D_net, opt_g, opt_d, x, y, z, args, amp)
             ema.update()
             state["losses"]["D"].append(d_loss)
             state["losses"]["G"].append(g_loss)
@@ -523,19 +531,20 @@ def train(args, data, labels, G, D, ema, opt_g, opt_d, state):
             if state["step"] % steps_per_epoch == 0:  # an epoch ends: samples from fixed z, to see G learn
                 plumbing.save_progress(progress_images(ema.module, args, y16, device), args.out, epoch + 1)
             stop = ctrl_c.stop_requested()
-            if state["step"] % steps_per_epoch == 0 or state["step"] == total or stop:
-                plumbing.save_run(args, SCRIPT, state, stop, G=G, D=D, ema=ema, opt_g=opt_g, opt_d=opt_d)
+            if progress.checkpoint_due(state, stop):  # at the end, on Ctrl-C, at an epoch's end once a minute
+                plumbing.save_run(args, SCRIPT, state, stop, G=G, D=D, ema=ema, opt_g=opt_g, opt_d=opt_d,
+                                  scaler=amp.scaler)
 
 
 # ---- sampling from the EMA generator ------------------------------------------------------------------------------
 @torch.no_grad()
 def generate_images(G, n, z_dim, g, pool=None, y=None):
-    """n images G(z, y) in float32 (bf16 autocast on a GPU), z ~ N(0, I) from the generator g; y the given
-    conditions, or drawn from the pool (rows of labels), or None for an unconditional G."""
+    """n images G(z, y) in float32 (computed in the training's number format), z ~ N(0, I) from the generator g;
+    y the given conditions, or drawn from the pool (rows of labels), or None for an unconditional G."""
     if y is None and pool is not None:
         y = pool[torch.randint(len(pool), (n,), generator=g, device=g.device).cpu()]
     z = torch.randn(n, z_dim, generator=g, device=g.device)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=g.device.type == "cuda"):
+    with plumbing.Precision(g.device).autocast():
         return G(z, None if y is None else y.to(g.device)).float()
 
 
@@ -600,13 +609,17 @@ def main(argv=None):
     ema = EMA(G, args.ema_decay)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda")
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda")
+    amp = plumbing.Precision(device)  # bf16, or fp16 with a gradient scaler on GPUs without bf16, float32 on a CPU
+    plumbing.say(f"precision: {amp.name}")
     state = {"step": 0, "seconds": 0.0, "losses": {"D": [], "G": []}}
     if saved is not None:
-        plumbing.restore_run(saved, args, state, G=G, D=D, ema=ema, opt_g=opt_g, opt_d=opt_d)
+        plumbing.restore_run(saved, args, state, G=G, D=D, ema=ema, opt_g=opt_g, opt_d=opt_d, scaler=amp.scaler)
 
-    metrics = {"device": plumbing.device_name(device), "torch": torch.__version__, "processes": plumbing.world_size()}
+    metrics = {"device": plumbing.device_name(device), "torch": torch.__version__, "processes": plumbing.world_size(),
+               "precision": amp.name}
     if not args.sample_only:
-        train(args, data.to(device), labels if labels is None else labels.to(device), G, D, ema, opt_g, opt_d, state)
+        train(args, data.to(device), labels if labels is None else labels.to(device), G, D, ema, opt_g, opt_d, state,
+              amp)
         plumbing.write_loss(args.out, state["losses"], f"GAN losses ({args.arch}, {args.loss} loss, {args.dataset})")
         metrics.update(train_seconds=round(state["seconds"], 1), steps=state["step"])
     pool = torch.eye(len(args.label_names)) if args.dataset == "classes" else labels  # classes: each equally often

@@ -57,7 +57,8 @@ def add_run_flags(parser, out):
     """The flags every training script shares: where the run lives, what it runs on, how it is graded."""
     a = parser.add_argument
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
-    a("--compile", action="store_true", help="torch.compile the network for training and sampling")
+    a("--compile", action="store_true",
+      help="torch.compile the network for training (with CUDA graphs on one GPU) and sampling")
     a("--out", default=out, help="folder for checkpoint, images and metrics")
     a("--resume", action="store_true", help="continue the run saved in OUT/ckpt.pt")
     a("--sample-only", action="store_true", help="skip training: sample from --ckpt")
@@ -170,7 +171,8 @@ def save_run(args, script, state, stop=False, **parts):
 def restore_run(saved, args, state, **parts):
     """Load each part, and for --resume the step, the losses and the random state: the same run continues."""
     for name, part in parts.items():
-        part.load_state_dict(saved[name])
+        if saved.get(name):  # not a GradScaler saved off ({}: bf16 or a CPU) or before there was one: it starts afresh
+            part.load_state_dict(saved[name])
     if args.resume:
         state.update(step=saved["step"], seconds=saved["seconds"])
         state["losses"] = {k: list(v.unbind()) for k, v in saved["losses"].items()}
@@ -201,6 +203,32 @@ class CtrlC:
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
+
+
+# ---- number formats: bf16, fp16 with a gradient scaler, or float32 --------------------------------------------
+class Precision:
+    """The number format of the network's arithmetic, from what the device computes natively (name: force one):
+      bf16     autocast to bfloat16 on GPUs with bf16 arithmetic (Ampere and newer: A100, RTX 30xx/40xx, H100);
+               float32's exponent range, so the gradients need no scaling.
+      fp16     autocast to float16 with a GradScaler on older GPUs (Colab's T4, V100: no native bf16). float16 flushes
+               values below about 6e-8 to zero, so the loss is scaled up before backward() and the gradients scaled
+               back before the step; a step whose gradients overflowed is skipped and the scale halved.
+      float32  on the CPU: autocast would gain nothing there.
+    The scaler passes everything through unless fp16, so one training step serves all three:
+      with amp.autocast(): loss = ...
+      amp.scaler.scale(loss).backward(); amp.scaler.unscale_(optimizer); clip; amp.scaler.step(optimizer);
+      amp.scaler.update()"""
+
+    def __init__(self, device, name=None):
+        device = torch.device(device)
+        if name is None and device.type == "cuda":
+            name = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+        self.name, self.device_type = name or "float32", device.type
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}[self.name]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.name == "fp16")
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.name != "float32")
 
 
 # ---- torchrun: several processes, one GPU each ------------------------------------------------------------------
@@ -265,14 +293,20 @@ def sample_in_batches(draw, n, batch_size, seed, device):
 
 
 def parallel_model(model, args):
-    """The network the training step calls: DistributedDataParallel under torchrun, compiled with --compile."""
+    """The network the training step calls: DistributedDataParallel under torchrun, compiled with --compile (for CUDA
+    graphs on one GPU)."""
     if args.batch_size % world_size():
         fail(f"--batch-size {args.batch_size} does not split evenly over {world_size()} processes")
     net = model
     if world_size() > 1:
         device = next(model.parameters()).device
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(net) if args.compile else net
+    if not args.compile:
+        return net
+    # On one GPU, CUDA graphs (mode reduce-overhead) replay a step's ~2,000 kernel launches at once: a small UNet's step
+    # is otherwise bound by the CPU launching them. DDP's gradient hooks cannot be captured in a graph.
+    one_gpu = world_size() == 1 and next(model.parameters()).device.type == "cuda"
+    return torch.compile(net, mode="reduce-overhead" if one_gpu else "default")
 
 
 def say(message):
@@ -285,13 +319,26 @@ def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
 
+SAVE_EVERY_S = 60  # at an epoch's end, a checkpoint only if the last one is this old (Progress.checkpoint_due)
+
+
 class Progress:
     """One line every few seconds: epoch, step, the recent losses, images per second and the time left. It also
-    keeps state["seconds"], the training time over every resume."""
+    keeps state["seconds"], the training time over every resume, and says when to write a checkpoint."""
 
     def __init__(self, state, total, steps_per_epoch, batch_size):
         self.total, self.steps_per_epoch, self.batch_size = total, steps_per_epoch, batch_size
         self.first_step, self.seconds_before, self.start, self.last = state["step"], state["seconds"], time.time(), 0
+        self.saved = self.start
+
+    def checkpoint_due(self, state, stop):
+        """At the end, on Ctrl-C, and at an epoch's end if the last checkpoint is a minute old: on a GPU an MNIST
+        epoch takes seconds, and writing every one would cost more than it saves. A crash loses a minute or an epoch."""
+        epoch_end = state["step"] % self.steps_per_epoch == 0
+        if stop or state["step"] == self.total or (epoch_end and time.time() - self.saved >= SAVE_EVERY_S):
+            self.saved = time.time()
+            return True
+        return False
 
     def show(self, state):
         step, now = state["step"], time.time()
@@ -523,14 +570,16 @@ def training_set_stats(args):
 
 def compute_fid(images, inception, stats, reference_images, device):
     """FID of uint8 samples against the statistics in stats (made once from reference_images() if missing)."""
-    inception = inception.to(device)
+    inception, start = inception.to(device), time.time()
     if not os.path.isfile(stats):
         say(f"computing the reference statistics into {stats} (once)")
         fid.save_statistics(stats, *fid.compute_statistics(reference_images(), inception, device=device))
+    reference_seconds, start = time.time() - start, time.time()
     mu, sigma = fid.compute_statistics(images, inception, device=device)
     value = fid.frechet_distance(mu, sigma, *fid.load_statistics(stats))
     say(f"FID {value:.3f}  ({len(images)} samples against {stats})")
-    return {"fid": value, "fid_num_samples": len(images), "fid_reference": stats}
+    return {"fid": value, "fid_num_samples": len(images), "fid_reference": stats,
+            "reference_seconds": round(reference_seconds, 1), "fid_seconds": round(time.time() - start, 1)}
 
 
 def write_fusion(args, a, b, fused, ts):

@@ -67,8 +67,9 @@ def test_scale_0_is_the_conditional_model_and_scale_minus_1_the_unconditional_on
     with torch.no_grad():
         eps_cond, eps_uncond = model(x, t, y), model(x, t, torch.zeros_like(y))
     assert (eps_cond - eps_uncond).abs().max() > 1e-2  # the label matters, so the checks below can fail
-    torch.testing.assert_close(cfg.make_cfg_eps_fn(model, y, 0.0, bf16=False)(x, t), eps_cond, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cfg.make_cfg_eps_fn(model, y, -1.0, bf16=False)(x, t), eps_uncond, rtol=1e-5, atol=1e-5)
+    fp32 = plumbing.Precision("cpu")
+    torch.testing.assert_close(cfg.make_cfg_eps_fn(model, y, 0.0, fp32)(x, t), eps_cond, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cfg.make_cfg_eps_fn(model, y, -1.0, fp32)(x, t), eps_uncond, rtol=1e-5, atol=1e-5)
     assert torch.equal(cfg.guided_eps(eps_cond, eps_uncond, 0.0), eps_cond)
     torch.testing.assert_close(cfg.guided_eps(eps_cond, eps_uncond, -1.0), eps_uncond)
     torch.testing.assert_close(cfg.guided_eps(eps_cond, eps_uncond, 2.0), 3 * eps_cond - 2 * eps_uncond)
@@ -80,7 +81,7 @@ def test_the_doubled_batch_equals_two_separate_passes(w):
     x, t, y = torch.randn(5, 3, 8, 8), torch.tensor([19, 10, 5, 1, 0]), torch.tensor([3, 1, 2, 2, 1])
     calls = []
     model.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
-    guided = cfg.make_cfg_eps_fn(model, y, w, bf16=False)(x, t)
+    guided = cfg.make_cfg_eps_fn(model, y, w, plumbing.Precision("cpu"))(x, t)
     assert calls == [10]  # one pass over the doubled batch
     with torch.no_grad():
         separate = cfg.guided_eps(model(x, t, y), model(x, t, torch.zeros_like(y)), w)
@@ -103,7 +104,8 @@ def test_the_same_noise_at_every_scale():
     args = cfg.build_parser().parse_args(["--image-size", "8", "--sample-batch-size", "2", "--seed", "3"])
     sched = cfg.NoiseSchedule(cfg.make_betas("linear", 20))
     labels = cfg.balanced_labels(5, 3)
-    images = [cfg.sample_at_scale(model, sched, labels, w, list(range(20)), args, torch.device("cpu")) for w in (0, 4)]
+    images = [cfg.sample_at_scale(model, sched, labels, w, list(range(20)), args, torch.device("cpu"),
+                                  plumbing.Precision("cpu")) for w in (0, 4)]
     assert images[0].shape == (5, 3, 8, 8)
     assert (images[0].int() - images[1].int()).abs().max() <= 1 and images[0].float().std() > 20
 

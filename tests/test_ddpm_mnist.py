@@ -176,7 +176,8 @@ def test_mnist_run_writes_every_output(mnist_run):
                  "progress/epoch_001.png", "progress/epoch_002.png"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["num_samples"] == 30 and saved["sampler"] == "ddpm" and saved["sampling_steps"] == 20
+    assert saved["num_samples"] == 30 and saved["precision"] == "float32"
+    assert saved["sampler"] == "ddim" and saved["sampling_steps"] == min(dm.DDIM_STEPS, 20)  # the default sampler
     assert saved["steps"] == 4 and saved["fid_num_samples"] == 30 and saved["fid"] == metrics["fid"]
 
 

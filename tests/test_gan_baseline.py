@@ -118,7 +118,7 @@ def test_one_training_step_moves_both_losses(loss, num_classes):
             return gb.discriminator_loss(D(x, y), D(fake, y), loss).item(), gb.generator_loss(D(fake, y), loss).item()
 
     before, g_before, d_before = losses(), [p.clone() for p in G.parameters()], [p.clone() for p in D.parameters()]
-    d_loss, g_loss = gb.gan_step(G, D, opt_g, opt_d, x, y, torch.randn(2, 8, 16), args)
+    d_loss, g_loss = gb.gan_step(G, D, opt_g, opt_d, x, y, torch.randn(2, 8, 16), args, plumbing.Precision("cpu"))
     after = losses()
     assert np.isfinite([d_loss.item(), g_loss.item(), *before, *after]).all()
     assert abs(after[0] - before[0]) > 1e-4 and abs(after[1] - before[1]) > 1e-4
@@ -134,7 +134,7 @@ def test_spectral_norm_holds_the_top_singular_value_near_one():
     opt_g, opt_d = torch.optim.Adam(G.parameters(), lr=1e-3), torch.optim.Adam(D.parameters(), lr=1e-3)
     for _ in range(30):  # the weights move; one power iteration per D pass keeps up
         gb.gan_step(G, D, opt_g, opt_d, torch.rand(8, 3, 16, 16) * 2 - 1, conditions(8, 24, True),
-                    torch.randn(2, 8, 16), args)
+                    torch.randn(2, 8, 16), args, plumbing.Precision("cpu"))
     layers = [m for m in D.modules() if hasattr(m, "parametrizations")]
     assert len(layers) == 2 * 3 + 2 + 2  # 2 down-blocks (conv, conv, 1x1 skip), the last block, score, projection
     for m in layers:

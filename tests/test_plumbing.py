@@ -58,8 +58,8 @@ def bad_files(tmp_path_factory):
 @pytest.mark.parametrize("args, culprit", [
     (["--epochs", "-1"], "--epochs"),
     (["--lr", "0"], "--lr"),
-    (["--sampler", "ddim", "--eta", "1.5"], "--eta"),
-    (["--steps", "5"], "--steps"),  # DDPM takes every step
+    (["--eta", "1.5"], "--eta"),
+    (["--sampler", "ddpm", "--steps", "5"], "--steps"),  # DDPM takes every step
     (["--batch-size", "lots"], "--batch-size"),
     (["--dataset", "folder", "--data-dir", "{base}/no_such_folder"], "no_such_folder"),
     (["--fid", "--fid-stats", "{base}/missing.npz"], "missing.npz"),
@@ -126,14 +126,60 @@ def test_ctrl_c_finishes_the_step_saves_and_resume_is_the_same_run(tmp_path, mon
     assert torch.equal(a["losses"]["loss"], b["losses"]["loss"])
 
 
-def test_a_crash_loses_at_most_the_epoch_in_progress(tmp_path, monkeypatch):
+def test_a_crash_loses_at_most_a_minute_or_the_epoch_in_progress(tmp_path, monkeypatch):
+    """At an epoch's end a checkpoint is written only if the last is SAVE_EVERY_S old: this run's first epoch takes a
+    second, so a crash in the second epoch finds none; with SAVE_EVERY_S = 0 it finds the first epoch's."""
     def crash():
         raise RuntimeError("the machine went away")
-    interrupt_at(monkeypatch, 5, crash)
-    with pytest.raises(RuntimeError):
-        ddpm_mnist.main(TINY + ["--epochs", "2", "--num-samples", "0", "--out", str(tmp_path)])
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3  # the end of epoch 1
-    assert (tmp_path / "progress" / "epoch_001.png").is_file()
+    for every, out in ((60, tmp_path / "minute"), (0, tmp_path / "every_epoch")):
+        monkeypatch.setattr(plumbing, "SAVE_EVERY_S", every)
+        interrupt_at(monkeypatch, 5, crash)
+        with pytest.raises(RuntimeError):
+            ddpm_mnist.main(TINY + ["--epochs", "2", "--num-samples", "0", "--out", str(out)])
+        assert (out / "progress" / "epoch_001.png").is_file()
+    assert not (tmp_path / "minute" / "ckpt.pt").exists()
+    assert torch.load(tmp_path / "every_epoch" / "ckpt.pt", weights_only=True)["step"] == 3  # the end of epoch 1
+
+
+@pytest.mark.parametrize("native_bf16, name, dtype", [(True, "bf16", torch.bfloat16), (False, "fp16", torch.float16)])
+def test_precision_follows_what_the_gpu_computes_natively(monkeypatch, native_bf16, name, dtype):
+    asked = []  # a T4 reports bf16 when emulation counts: only native bf16 may choose it
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: asked.append(
+        including_emulation) or native_bf16)
+    amp = plumbing.Precision(torch.device("cuda"))
+    assert (amp.name, amp.dtype, asked) == (name, dtype, [False])
+    cpu = plumbing.Precision(torch.device("cpu"))
+    assert (cpu.name, cpu.scaler.is_enabled()) == ("float32", False)
+    assert plumbing.Precision("cpu", "fp16").scaler.is_enabled()  # the scaler is on exactly for fp16
+
+
+class TinyDenoiser(torch.nn.Module):
+    """eps_theta(x_t, t) as one convolution: enough for the loss to fall in a few steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.conv(x)
+
+
+def test_fp16_with_a_gradient_scaler_trains(tmp_path):
+    """The training step of every script in fp16 autocast with its GradScaler (a T4's path; here on the CPU): the
+    loss falls, and the loss was scaled (a scaler that is off keeps the scale at 1)."""
+    torch.manual_seed(0)
+    args = ddpm_mnist.parse_args(["--timesteps", "100", "--batch-size", "16", "--iters", "40", "--warmup", "1",
+                                  "--lr", "0.02", "--device", "cpu", "--out", str(tmp_path)])
+    plumbing.make_out_folder(args.out)
+    data = (torch.rand(64, 1, 28, 28) > 0.7).to(torch.uint8) * 255
+    model = TinyDenoiser()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    state, amp = {"step": 0, "seconds": 0.0, "losses": {"loss": []}}, plumbing.Precision("cpu", "fp16")
+    ddpm_mnist.train(args, data, model, ddpm_mnist.EMA(model, 0.9), optimizer,
+                     ddpm_mnist.NoiseSchedule(ddpm_mnist.make_betas("linear", 100)), state, amp)
+    losses = torch.stack(state["losses"]["loss"])
+    assert losses[-10:].mean() < 0.8 * losses[:5].mean()
+    assert amp.scaler.get_scale() > 1 and optimizer.state[model.conv.weight]["step"] > 30
 
 
 def test_a_rerun_never_mixes_its_samples_with_an_earlier_runs(tmp_path):
