@@ -418,8 +418,10 @@ def classifier_guided_eps(classifier, sched, x_t, t, eps, y, scale):
 
 def sample_conditions(model, sched, y, timesteps, sampler, args, seed, guide=None, record=0):
     """One image per multi-hot row of y, in [-1, 1] at --image-size, from a generator seeded with seed; guided."""
+    amp = plumbing.Precision(y.device)  # the training's number format (bf16, fp16 or float32)
+
     def eps_fn(x, t):
-        with plumbing.Precision(x.device).autocast():  # the training's number format (bf16, fp16 or float32)
+        with amp.autocast():
             if args.cfg_w == 0:
                 eps = model(x, t, y).float()
             else:
